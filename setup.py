@@ -1,0 +1,11 @@
+"""pvbus: paravirtual I/O over VMBus-format shared-memory rings.
+
+Packaging metadata lives in pyproject.toml; this file exists for the one
+thing it cannot express: the cffi C core, compiled at install time.
+"""
+
+from setuptools import setup
+
+setup(
+    cffi_modules=["ring/_ring_build.py:ffibuilder"],
+)
