@@ -166,7 +166,7 @@ class OutgoingRingBase(_RingBase):
         *,
         trans_id: int = 0,
         completion_requested: bool = False,
-        packet_type: int = PacketType.DATA_INBAND,
+        packet_type: int = 6,  # PacketType.DATA_INBAND
         header: bytes = b"",
     ) -> None:
         """Stage one packet; ``payload`` may be a gather list of buffers.
@@ -211,7 +211,11 @@ class IncomingRingBase(_RingBase):
         nxt = self._next()
         if nxt is None:
             return None
-        ptype, flags, header_len, packet_len, trans_id, ring_offset = nxt
+        return self.packet_from(*nxt)
+
+    def packet_from(
+        self, ptype: int, flags: int, header_len: int, packet_len: int, trans_id: int, ring_offset: int
+    ) -> Packet:
         data_size = self.data_size
         hdr_start = (ring_offset + DESCRIPTOR_SIZE) % data_size
         pay_start = (ring_offset + header_len) % data_size

@@ -15,12 +15,17 @@ from ._api import (
     Buffer,
     IncomingRingBase,
     OutgoingRingBase,
+    Packet,
     PacketInfo,
     ReadBatch,
     RingStatistics,
 )
+from ._layout import CONTROL_SIZE
 from ._ring_c import ffi, lib
 from .errors import CORRUPT_REASONS, PacketTooLarge, RingCorrupt, RingFull
+
+
+_EMPTY = memoryview(b"")
 
 
 class _CRing:
@@ -92,6 +97,31 @@ class OutgoingRing(_CRing, OutgoingRingBase):
         )
         if rc:
             self._raise(rc)
+
+    def write(
+        self,
+        payload: Buffer | Sequence[Buffer],
+        *,
+        trans_id: int = 0,
+        completion_requested: bool = False,
+        packet_type: int = 6,
+        header: bytes = b"",
+    ) -> None:
+        # Fast path, one C call: a single contiguous payload and no
+        # type-specific header.  Everything else goes the general way.
+        if header or isinstance(payload, (list, tuple)):
+            return OutgoingRingBase.write(
+                self, payload, trans_id=trans_id, completion_requested=completion_requested,
+                packet_type=packet_type, header=header,
+            )
+        buf = payload if type(payload) is bytes else ffi.from_buffer(payload)
+        rc = lib.pv_ring_write1(
+            self._handle, packet_type, 1 if completion_requested else 0, trans_id, buf, len(buf), self._needed
+        )
+        if rc:
+            self._raise(rc)
+
+    write.__doc__ = OutgoingRingBase.write.__doc__
 
     def write_many(
         self,
@@ -178,6 +208,23 @@ class IncomingRing(_CRing, IncomingRingBase):
         self._pkts: Any = None
         self._n = ffi.new("uint32_t *")
         self._used = ffi.new("size_t *")
+
+    def read_packet(self) -> Packet | None:
+        # Same result as the base class, fewer steps: this is the per-packet path.
+        p = self._pkt
+        rc = lib.pv_ring_next(self._handle, p)
+        if rc == lib.PV_EMPTY:
+            return None
+        if rc != lib.PV_OK:
+            raise self._corrupt()
+        hlen, plen, off = p.header_len, p.packet_len, p.ring_offset
+        end = off + plen
+        if end <= self.data_size:
+            mem = self._mem
+            base = CONTROL_SIZE + off
+            header = _EMPTY if hlen == 16 else mem[base + 16 : base + hlen]
+            return Packet(p.type, p.flags, p.trans_id, header, mem[base + hlen : base + plen])
+        return IncomingRingBase.packet_from(self, p.type, p.flags, hlen, plen, p.trans_id, off)
 
     def _next(self) -> tuple[int, int, int, int, int, int] | None:
         p = self._pkt

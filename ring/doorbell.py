@@ -9,7 +9,11 @@ the peer with SCM_RIGHTS and both ends hold the same kernel object.
   only after 2**64 - 2 unread signals).
 - ``wait()`` is awaitable in trio: it tries a non-blocking read first and
   only then parks on ``trio.lowlevel.wait_readable``; ``wait_blocking()``
-  serves plain threads and processes that do not run trio.
+  serves plain threads and processes that do not run trio.  A doorbell
+  made with ``blocking=True`` is waited on with one blocking ``read``
+  (one system call per wake-up instead of three); it cannot be awaited in
+  trio.  O_NONBLOCK belongs to the open file, which every process holding
+  the fd shares, so choose it when the eventfd is created.
 - ``close()`` calls ``trio.lowlevel.notify_closing`` first, so a task parked
   in ``wait()`` wakes with ``trio.ClosedResourceError`` instead of hanging,
   the pattern of trio's own ``FdStream``.
@@ -31,12 +35,14 @@ import trio
 class Doorbell:
     """One eventfd, non-blocking, close-on-exec."""
 
-    def __init__(self, fd: int | None = None) -> None:
+    def __init__(self, fd: int | None = None, *, blocking: bool = False) -> None:
         if fd is None:
-            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            fd = os.eventfd(0, os.EFD_CLOEXEC | (0 if blocking else os.EFD_NONBLOCK))
         else:
-            os.set_blocking(fd, False)
+            os.set_blocking(fd, blocking)
         self._fd = fd
+        self.blocking = blocking
+        self._poller: select.poll | None = None
         self.rings = 0
         self.wakeups = 0
         self.signals_received = 0
@@ -57,6 +63,8 @@ class Doorbell:
 
     def try_consume(self) -> int:
         """Read and reset the counter without blocking; 0 if nothing came."""
+        if self.blocking:
+            raise RuntimeError("a blocking doorbell can only be waited on with wait_blocking()")
         try:
             n = os.eventfd_read(self.fileno())
         except BlockingIOError:
@@ -75,14 +83,21 @@ class Doorbell:
 
     def wait_blocking(self, timeout: float | None = None) -> int:
         """Wait without trio (a plain process or thread); 0 on timeout."""
+        if self.blocking and timeout is None:
+            n = os.eventfd_read(self.fileno())
+            self.wakeups += 1
+            self.signals_received += n
+            return n
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.fileno(), select.POLLIN)
         while True:
-            n = self.try_consume()
-            if n:
+            if not self.blocking and (n := self.try_consume()):
                 return n
-            poller = select.poll()
-            poller.register(self.fileno(), select.POLLIN)
-            if not poller.poll(None if timeout is None else timeout * 1000):
+            if not self._poller.poll(None if timeout is None else timeout * 1000):
                 return 0
+            if self.blocking:
+                return self.wait_blocking()
 
     def close(self) -> None:
         """Wake any waiter with ClosedResourceError, then close the fd."""

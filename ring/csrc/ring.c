@@ -240,6 +240,15 @@ int pv_ring_write(pv_ring *r, uint16_t type, uint16_t flags, uint64_t trans_id,
     return PV_OK;
 }
 
+int pv_ring_write1(pv_ring *r, uint16_t type, uint16_t flags, uint64_t trans_id,
+                   const char *buf, size_t len, uint32_t *needed)
+{
+    pv_iov iov;
+    iov.base = (const uint8_t *)buf;
+    iov.len = len;
+    return pv_ring_write(r, type, flags, trans_id, NULL, 0, &iov, 1, needed);
+}
+
 int pv_ring_write_many(pv_ring *r, uint16_t type, uint16_t flags, uint64_t trans_id0,
                        const uint8_t *payloads, const uint32_t *lens, uint32_t n,
                        uint32_t *written, uint32_t *needed)

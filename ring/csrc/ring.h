@@ -132,6 +132,11 @@ int pv_ring_write(pv_ring *r, uint16_t type, uint16_t flags, uint64_t trans_id,
                   const uint8_t *header, uint32_t header_len,
                   const pv_iov *iov, uint32_t niov, uint32_t *needed);
 
+/* pv_ring_write for the common case: one contiguous payload, no
+ * type-specific header (`buf` is char so Python bytes pass without a copy). */
+int pv_ring_write1(pv_ring *r, uint16_t type, uint16_t flags, uint64_t trans_id,
+                   const char *buf, size_t len, uint32_t *needed);
+
 /* Stage up to n in-band packets whose payloads lie back to back in
  * `payloads` with lengths `lens`; trans_id of packet i is trans_id0 + i.
  * *written tells how many were staged; the result is PV_OK when all were,

@@ -1,0 +1,1 @@
+"""Benchmarks: the ring against other ways of moving messages between processes."""

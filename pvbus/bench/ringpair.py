@@ -1,0 +1,286 @@
+"""Two processes joined by a pair of rings in one memfd, with eventfd doorbells.
+
+This is the ring used bare, the way a channel will use it: ring 0 carries
+side A -> side B, ring 1 carries B -> A, and each side has one incoming
+doorbell that means "look at your rings" (data to read, or room to write),
+as a VMBus channel has one interrupt per direction.
+
+The loops follow the VMBus discipline exactly:
+
+- a consumer masks interrupts while it drains, takes packets in batches,
+  commits once per batch, signals the producer only when ``commit`` says a
+  blocked writer is now satisfied, then unmasks and re-checks before it
+  sleeps on its doorbell;
+- a producer stages a batch, publishes it with one ``commit``, signals only
+  when ``commit`` says so, and when the ring is full arms
+  ``pending_send_sz`` and sleeps until the consumer says there is room;
+- in polling mode a consumer keeps the mask set and spins (in C, without
+  the GIL) before falling back to the doorbell.
+"""
+
+from __future__ import annotations
+
+import array
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from ring import CONTROL_SIZE, Doorbell, IncomingRing, OutgoingRing, RingFull, SharedMemory
+
+from . import workload
+
+POLL_SPINS = 200_000  # about a millisecond of spinning before the doorbell
+
+
+def packet_total(payload: int) -> int:
+    """Ring bytes one in-band packet of ``payload`` bytes takes, trailer included."""
+    return 16 + ((payload + 7) & ~7) + 8
+
+
+@dataclass
+class RingPair:
+    """The shared parts: the memfd holding both rings and one doorbell per side."""
+
+    data_size: int = 2 << 20
+    shm: SharedMemory = field(init=False)
+    doorbells: tuple[Doorbell, Doorbell] = field(init=False)
+
+    def __post_init__(self) -> None:
+        ring_bytes = CONTROL_SIZE + self.data_size
+        self.shm = SharedMemory.create(2 * ring_bytes, "pvbus-ringpair")
+        for i in range(2):
+            OutgoingRing(self.shm.buf, i * ring_bytes, ring_bytes, format=True)
+        # Blocking eventfds: the benchmark processes run no trio, and a
+        # blocking read is one system call per wake-up.
+        self.doorbells = (Doorbell(blocking=True), Doorbell(blocking=True))
+
+    def endpoint(self, which: int) -> RingSide:
+        """The runner's name for ``side`` (interrupt mode)."""
+        return self.side(which)
+
+    def side(self, which: int, *, polling: bool = False) -> RingSide:
+        """Side 0 (A) or 1 (B) as seen from the process that will use it."""
+        ring_bytes = CONTROL_SIZE + self.data_size
+        return RingSide(
+            tx=OutgoingRing(self.shm.buf, which * ring_bytes, ring_bytes),
+            rx=IncomingRing(self.shm.buf, (1 - which) * ring_bytes, ring_bytes),
+            me=self.doorbells[which],
+            peer=self.doorbells[1 - which],
+            polling=polling,
+        )
+
+    def close(self) -> None:
+        for db in self.doorbells:
+            db.close()
+        self.shm.close()
+
+
+@dataclass
+class RingSide:
+    tx: OutgoingRing
+    rx: IncomingRing
+    me: Doorbell
+    peer: Doorbell
+    polling: bool
+    sleeps: int = 0
+    masked: bool = False
+
+    # -- waiting ---------------------------------------------------------
+
+    def wait_readable(self) -> None:
+        """Return once ``rx`` has data.  On return interrupts are masked
+        (we are about to drain); ``rx`` must be drained before calling again."""
+        rx = self.rx
+        if self.polling and self.masked and rx.poll(POLL_SPINS):
+            return  # still masked from the last drain: one C call
+        while True:
+            rx.mask()
+            self.masked = True
+            if rx.available or (self.polling and rx.poll(POLL_SPINS)):
+                return
+            self.masked = False
+            if rx.unmask():  # arrived between the check and the unmask
+                continue
+            self.sleeps += 1
+            self.me.wait_blocking()
+
+    def wait_writable(self, needed: int) -> None:
+        """Return once ``tx`` has more than ``needed`` free bytes."""
+        tx = self.tx
+        while tx.write_space <= needed:
+            if tx.arm_pending_send(needed):
+                break
+            self.sleeps += 1
+            self.me.wait_blocking()
+        tx.clear_pending_send()
+
+    def commit_tx(self) -> None:
+        if self.tx.commit():
+            self.peer.ring()
+
+    def commit_rx(self) -> None:
+        if self.rx.commit():
+            self.peer.ring()
+
+    # -- one-way transfer ------------------------------------------------
+
+    def produce(self, count: int, size: int, batch: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        tx = self.tx
+        sent = 0
+        if batch > 1:
+            lens = array.array("I", [size] * batch)
+            want = min(packet_total(size) * batch, tx.data_size // 2)
+            while sent < count:
+                n = min(batch, count - sent)
+                try:
+                    w = tx.write_many(workload.batch(sent, n, size), lens[:n] if n < batch else lens, trans_id0=sent)
+                except RingFull:
+                    w = 0
+                if w:
+                    sent += w
+                    self.commit_tx()
+                if w < n:
+                    self.wait_writable(want)
+        else:
+            need = packet_total(size)
+            while sent < count:
+                try:
+                    tx.write(workload.message(sent, size), trans_id=sent)
+                except RingFull:
+                    self.wait_writable(need)
+                    continue
+                self.commit_tx()
+                sent += 1
+        return {"t_start": t0, "sent": sent, "signals": self.peer.rings, "sleeps": self.sleeps}
+
+    def consume(self, count: int, size: int, batch: int) -> dict[str, Any]:
+        rx = self.rx
+        crc = 0
+        got = 0
+        if batch > 1:
+            out = bytearray(max(batch * packet_total(size), 1 << 20))
+            view = memoryview(out)
+            while got < count:
+                self.wait_readable()
+                while (b := rx.read_into(out, batch, payload_only=True)).count:
+                    crc = zlib.crc32(view[: b.nbytes], crc)
+                    got += b.count
+                    self.commit_rx()
+        else:
+            while got < count:
+                self.wait_readable()
+                while (pkt := rx.read_packet()) is not None:
+                    crc = zlib.crc32(pkt.payload[:size], crc)
+                    got += 1
+                    self.commit_rx()
+        return {"t_end": time.perf_counter(), "received": got, "crc": crc,
+                "signals": self.peer.rings, "sleeps": self.sleeps}
+
+    # -- round trip --------------------------------------------------------
+
+    def ping(self, iterations: int, size: int, warmup: int = 200) -> dict[str, Any]:
+        msg = workload.message(0, size)
+        rtts = []
+        for i in range(warmup + iterations):
+            t0 = time.perf_counter_ns()
+            self.tx.write(msg, trans_id=i)
+            self.commit_tx()
+            self.wait_readable()
+            pkt = self.rx.read_packet()
+            self.commit_rx()
+            t1 = time.perf_counter_ns()
+            if pkt is None or pkt.trans_id != i or bytes(pkt.payload[:size]) != msg:
+                raise RuntimeError(f"round trip {i} came back wrong")
+            if i >= warmup:
+                rtts.append(t1 - t0)
+        return {"rtt_ns": rtts, "signals": self.peer.rings}
+
+    def pong(self, iterations: int, size: int, warmup: int = 200) -> dict[str, Any]:
+        for _ in range(warmup + iterations):
+            self.wait_readable()
+            pkt = self.rx.read_packet()
+            assert pkt is not None
+            self.tx.write(pkt.payload, trans_id=pkt.trans_id)
+            self.commit_rx()
+            self.commit_tx()
+        return {"signals": self.peer.rings}
+
+    # -- mixed sizes, every message checked --------------------------------
+
+    def produce_checked(self, count: int, seed: int) -> dict[str, Any]:
+        sizes = mixed_sizes(count, seed)
+        tx = self.tx
+        k = 0
+        pending = 0
+        while k < count:
+            size = sizes[k]
+            try:
+                tx.write([struct.pack("<QI", k, size), workload.message(k, size - 12)], trans_id=k)
+            except RingFull:
+                self.commit_tx()
+                pending = 0
+                self.wait_writable(packet_total(size))
+                continue
+            k += 1
+            pending += 1
+            if pending >= 32 or k == count:
+                self.commit_tx()
+                pending = 0
+        return {"sent": k, "signals": self.peer.rings}
+
+    def consume_checked(self, count: int, seed: int) -> dict[str, Any]:
+        """Take ``count`` packets checking sequence, size and bytes of each."""
+        sizes = mixed_sizes(count, seed)
+        out = bytearray(4 << 20)
+        view = memoryview(out)
+        head = struct.Struct("<QI")
+        got = 0
+        bad = 0
+        crc = 0
+        while got < count:
+            self.wait_readable()
+            while (b := self.rx.read_into(out, 4096, payload_only=True)).count:
+                for info in b.packets:
+                    seq, size = head.unpack_from(out, info.out_offset)
+                    body = view[info.out_offset + 12 : info.out_offset + size]
+                    if (
+                        got >= count
+                        or seq != got
+                        or size != sizes[got]
+                        or info.trans_id != got
+                        or body != workload.message(got, size - 12)
+                    ):
+                        bad += 1
+                    crc = zlib.crc32(view[info.out_offset : info.out_offset + size], crc)
+                    got += 1
+                self.commit_rx()
+        return {"received": got, "bad": bad, "crc": crc, "signals": self.peer.rings}
+
+
+def mixed_sizes(count: int, seed: int) -> array.array:
+    """Message sizes, 12 B to 64 KiB, mostly small, reproducible from ``seed``."""
+    import random
+
+    rng = random.Random(seed)
+    sizes = array.array("I")
+    for _ in range(count):
+        roll = rng.random()
+        if roll < 0.80:
+            sizes.append(rng.randint(12, 256))
+        elif roll < 0.98:
+            sizes.append(rng.randint(257, 4096))
+        else:
+            sizes.append(rng.randint(4097, 65536))
+    return sizes
+
+
+def checked_crc(count: int, seed: int) -> int:
+    """The CRC-32 ``consume_checked`` must report for a good transfer."""
+    crc = 0
+    for k, size in enumerate(mixed_sizes(count, seed)):
+        crc = zlib.crc32(struct.pack("<QI", k, size), crc)
+        crc = zlib.crc32(workload.message(k, size - 12), crc)
+    return crc
