@@ -27,7 +27,7 @@ from .ringpair import RingPair
 from .runner import run_roles
 
 PAYLOADS = (64, 4096, 65536)
-BATCH = {64: 512, 4096: 64, 65536: 8}
+BATCH = {64: 512, 4096: 256, 65536: 16}  # 32 KiB, 1 MiB, 1 MiB per batch
 RTT_PAYLOAD = 64
 
 
