@@ -178,6 +178,13 @@ class OutgoingRingBase(_RingBase):
         flags = FLAG_COMPLETION_REQUESTED if completion_requested else 0
         self._write(int(packet_type), flags, trans_id, header, bufs)
 
+    def send(self, payload: Buffer, *, trans_id: int = 0, completion_requested: bool = False) -> bool:
+        """Stage one in-band packet and publish it at once (the "send one now"
+        path); returns whether the reader must be signalled.  Anything staged
+        before is published with it."""
+        self.write(payload, trans_id=trans_id, completion_requested=completion_requested)
+        return self.commit()  # type: ignore[attr-defined, no-any-return]
+
     def write_completion(self, trans_id: int, payload: Buffer | Sequence[Buffer] = b"") -> None:
         """Stage a completion (type 0xB) answering ``trans_id``."""
         self.write(payload, trans_id=trans_id, packet_type=PacketType.COMPLETION)
@@ -226,6 +233,12 @@ class IncomingRingBase(_RingBase):
             self._data_view(hdr_start, header_len - DESCRIPTOR_SIZE),
             self._data_view(pay_start, packet_len - header_len),
         )
+
+    def poll_packet(self, spins: int) -> Packet | None:
+        """Spin up to ``spins`` times for data, then take one packet (or None)."""
+        if not self.poll(spins):  # type: ignore[attr-defined]
+            return None
+        return self.read_packet()
 
     def __iter__(self) -> Iterator[Packet]:
         """Take packets until the ring is empty (commit afterwards)."""

@@ -123,6 +123,17 @@ class OutgoingRing(_CRing, OutgoingRingBase):
 
     write.__doc__ = OutgoingRingBase.write.__doc__
 
+    def send(self, payload: Buffer, *, trans_id: int = 0, completion_requested: bool = False) -> bool:
+        buf = payload if type(payload) is bytes else ffi.from_buffer(payload)
+        rc = lib.pv_ring_send1(
+            self._handle, 6, 1 if completion_requested else 0, trans_id, buf, len(buf), self._needed
+        )
+        if rc < 0:
+            self._raise(-rc)
+        return rc == 1
+
+    send.__doc__ = OutgoingRingBase.send.__doc__
+
     def write_many(
         self,
         payloads: Buffer,
@@ -211,8 +222,15 @@ class IncomingRing(_CRing, IncomingRingBase):
 
     def read_packet(self) -> Packet | None:
         # Same result as the base class, fewer steps: this is the per-packet path.
+        return self._packet(lib.pv_ring_next(self._handle, self._pkt))
+
+    def poll_packet(self, spins: int) -> Packet | None:
+        return self._packet(lib.pv_ring_poll_next(self._handle, spins, self._pkt))
+
+    poll_packet.__doc__ = IncomingRingBase.poll_packet.__doc__
+
+    def _packet(self, rc: int) -> Packet | None:
         p = self._pkt
-        rc = lib.pv_ring_next(self._handle, p)
         if rc == lib.PV_EMPTY:
             return None
         if rc != lib.PV_OK:

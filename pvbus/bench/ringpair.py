@@ -194,15 +194,26 @@ class RingSide:
 
     # -- round trip --------------------------------------------------------
 
+    def receive_one(self) -> Any:
+        """Wait for and take one packet (polling: spin and take in one call)."""
+        if self.polling and self.masked:
+            pkt = self.rx.poll_packet(POLL_SPINS)
+            if pkt is not None:
+                return pkt
+        self.wait_readable()
+        return self.rx.read_packet()
+
+    def send_one(self, payload: Any, trans_id: int) -> None:
+        if self.tx.send(payload, trans_id=trans_id):
+            self.peer.ring()
+
     def ping(self, iterations: int, size: int, warmup: int = 200) -> dict[str, Any]:
-        msg = workload.message(0, size)
+        msg = bytes(workload.message(0, size))
         rtts = []
         for i in range(warmup + iterations):
             t0 = time.perf_counter_ns()
-            self.tx.write(msg, trans_id=i)
-            self.commit_tx()
-            self.wait_readable()
-            pkt = self.rx.read_packet()
+            self.send_one(msg, i)
+            pkt = self.receive_one()
             self.commit_rx()
             t1 = time.perf_counter_ns()
             if pkt is None or pkt.trans_id != i or bytes(pkt.payload[:size]) != msg:
@@ -213,12 +224,9 @@ class RingSide:
 
     def pong(self, iterations: int, size: int, warmup: int = 200) -> dict[str, Any]:
         for _ in range(warmup + iterations):
-            self.wait_readable()
-            pkt = self.rx.read_packet()
-            assert pkt is not None
-            self.tx.write(pkt.payload, trans_id=pkt.trans_id)
+            pkt = self.receive_one()
+            self.send_one(pkt.payload, pkt.trans_id)
             self.commit_rx()
-            self.commit_tx()
         return {"signals": self.peer.rings}
 
     # -- mixed sizes, every message checked --------------------------------

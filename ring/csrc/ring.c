@@ -249,6 +249,13 @@ int pv_ring_write1(pv_ring *r, uint16_t type, uint16_t flags, uint64_t trans_id,
     return pv_ring_write(r, type, flags, trans_id, NULL, 0, &iov, 1, needed);
 }
 
+int pv_ring_send1(pv_ring *r, uint16_t type, uint16_t flags, uint64_t trans_id,
+                  const char *buf, size_t len, uint32_t *needed)
+{
+    int rc = pv_ring_write1(r, type, flags, trans_id, buf, len, needed);
+    return rc != PV_OK ? -rc : pv_ring_commit_write(r);
+}
+
 int pv_ring_write_many(pv_ring *r, uint16_t type, uint16_t flags, uint64_t trans_id0,
                        const uint8_t *payloads, const uint32_t *lens, uint32_t n,
                        uint32_t *written, uint32_t *needed)
@@ -413,6 +420,16 @@ int pv_ring_next(pv_ring *r, pv_packet *pkt)
     if (rc == PV_OK)
         take(r, pkt);
     return rc;
+}
+
+int pv_ring_poll_next(pv_ring *r, uint32_t spins, pv_packet *pkt)
+{
+    int64_t avail = pv_ring_poll(r, spins);
+    if (avail < 0)
+        return PV_CORRUPT;
+    if (avail == 0)
+        return PV_EMPTY;
+    return pv_ring_next(r, pkt);
 }
 
 int pv_ring_read_many(pv_ring *r, uint8_t *out, size_t cap, int payload_only,

@@ -137,6 +137,12 @@ int pv_ring_write(pv_ring *r, uint16_t type, uint16_t flags, uint64_t trans_id,
 int pv_ring_write1(pv_ring *r, uint16_t type, uint16_t flags, uint64_t trans_id,
                    const char *buf, size_t len, uint32_t *needed);
 
+/* Stage one packet as pv_ring_write1 and publish at once: the
+ * "send one now" path in a single call.  Returns 1/0 (signal the reader or
+ * not, as pv_ring_commit_write) or a negative PV_* error. */
+int pv_ring_send1(pv_ring *r, uint16_t type, uint16_t flags, uint64_t trans_id,
+                  const char *buf, size_t len, uint32_t *needed);
+
 /* Stage up to n in-band packets whose payloads lie back to back in
  * `payloads` with lengths `lens`; trans_id of packet i is trans_id0 + i.
  * *written tells how many were staged; the result is PV_OK when all were,
@@ -169,6 +175,10 @@ int64_t pv_ring_write_space(pv_ring *r);
  * PV_EMPTY or PV_CORRUPT (the ring stays corrupt: every later call fails
  * the same way until the channel is torn down). */
 int pv_ring_next(pv_ring *r, pv_packet *pkt);
+
+/* Spin up to `spins` times for data, then take the next packet as
+ * pv_ring_next does: PV_OK, PV_EMPTY (nothing came) or PV_CORRUPT. */
+int pv_ring_poll_next(pv_ring *r, uint32_t spins, pv_packet *pkt);
 
 /* Copy bytes [off, off+len) of the data area, wrapping, into `out`. */
 void pv_ring_copy_out(const pv_ring *r, uint32_t off, uint32_t len, uint8_t *out);
