@@ -143,6 +143,14 @@ class _RingBase:
         """Largest in-band payload one packet can carry."""
         return self.max_packet_total - DESCRIPTOR_SIZE - TRAILER_SIZE
 
+    def control(self) -> dict[str, int]:
+        """The control page's words as they are now (for inspection only:
+        plain reads, no ordering, values the peer may be changing)."""
+        w, r, mask, pending = struct.unpack_from("<IIII", self._mem, 0)
+        (features,) = struct.unpack_from("<I", self._mem, 64)
+        return {"write_index": w, "read_index": r, "interrupt_mask": mask, "pending_send_sz": pending,
+                "feature_bits": features, "data_size": self.data_size}
+
     def _data_view(self, offset: int, length: int) -> memoryview | bytes:
         """Zero-copy view of data-area bytes, or a copy where they wrap."""
         start = CONTROL_SIZE + offset

@@ -16,11 +16,14 @@ _HERE = Path(__file__).resolve().parent
 _CSRC = _HERE / "csrc"
 
 ffibuilder = FFI()
-ffibuilder.cdef((_CSRC / "ring.h").read_text())
+_HEADERS = ("ring.h", "shmops.h")
+_SOURCES = ("ring.c", "shmops.c")
+
+ffibuilder.cdef("\n".join((_CSRC / h).read_text() for h in _HEADERS))
 ffibuilder.set_source(
     "ring._ring_c",
-    '#include <stdint.h>\n#include <stddef.h>\n#include "ring.h"\n',
-    sources=[str((_CSRC / "ring.c").relative_to(_HERE.parent))],
+    "#include <stdint.h>\n#include <stddef.h>\n" + "".join(f'#include "{h}"\n' for h in _HEADERS),
+    sources=[str((_CSRC / c).relative_to(_HERE.parent)) for c in _SOURCES],
     include_dirs=[str(_CSRC.relative_to(_HERE.parent))],
     extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
 )

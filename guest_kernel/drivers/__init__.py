@@ -1,0 +1,1 @@
+"""Guest drivers (VSCs) bundled with the kernel."""

@@ -1,0 +1,84 @@
+"""The guest kernel's hypercall stubs: every exit to the hypervisor.
+
+Slow exits (HvPostMessage, MSR writes, the one-time CONNECT and
+CONNECT_EVENT_PORT) are a request and a reply on the control socket, one
+at a time.  HvSignalEvent on an open channel is the fast path: one write
+to the channel's eventfd, no reply, as Linux issues it as a fast
+hypercall.  Each is counted in ``exits``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections import Counter
+
+import trio
+
+from vmbus import hv
+from vmbus.errors import HypercallFailed
+from vmbus.transport import CONNECT_BODY, CONTROL_WORD, KIND, STATUS, WRMSR_BODY, ExitKind, recv_msg, send_msg
+
+
+class Hypercalls:
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.exits: Counter[str] = Counter()
+        self._lock = trio.Lock()
+
+    @classmethod
+    async def connect(cls, path: str, ram_fd: int, ram_size: int, sint_fd: int) -> Hypercalls:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            await sock.connect(path)
+            self = cls(sock)
+            status, _ = await self._exit("connect", KIND.pack(ExitKind.CONNECT) + CONNECT_BODY.pack(ram_size),
+                                         [ram_fd, sint_fd])
+        except BaseException:
+            sock.close()
+            raise
+        if status != hv.HvStatus.SUCCESS:
+            sock.close()
+            raise HypercallFailed("CONNECT", status)
+        return self
+
+    async def _exit(self, what: str, data: bytes, fds: list[int] | None = None) -> tuple[int, list[int]]:
+        async with self._lock:
+            self.exits[what] += 1
+            await send_msg(self.sock, data, fds or [])
+            reply, rfds = await recv_msg(self.sock)
+        if len(reply) != STATUS.size:
+            raise ConnectionError("hypervisor went away")
+        return STATUS.unpack(reply)[0], rfds
+
+    async def hypercall(self, code: int, block: bytes, *, fast: bool = False) -> tuple[int, list[int]]:
+        word = CONTROL_WORD.pack(hv.control_word(code, fast=fast))
+        return await self._exit(hv.HvCall(code).name.lower(), KIND.pack(ExitKind.HYPERCALL) + word + block)
+
+    async def post_message(self, connection_id: int, message: bytes) -> int:
+        """HvPostMessage: returns the HV_STATUS (the caller decides on retries)."""
+        block = hv.POST_MESSAGE_INPUT.pack(connection_id, 0, hv.VMBUS_MESSAGE_TYPE, len(message), message)
+        status, _ = await self.hypercall(hv.HvCall.POST_MESSAGE, block)
+        return status
+
+    async def wrmsr(self, msr: int, value: int) -> None:
+        status, _ = await self._exit("wrmsr", KIND.pack(ExitKind.WRMSR) + WRMSR_BODY.pack(msr, value))
+        if status != hv.HvStatus.SUCCESS:
+            raise HypercallFailed(f"WRMSR {msr:#x}", status)
+
+    async def connect_event_port(self, connection_id: int) -> int:
+        status, fds = await self.hypercall(hv.HvCall.CONNECT_EVENT_PORT, struct.pack("<I", connection_id))
+        if status != hv.HvStatus.SUCCESS or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise HypercallFailed(f"CONNECT_EVENT_PORT {connection_id:#x}", status)
+        return fds[0]
+
+    def signal_event(self, event_fd: int) -> None:
+        """HvSignalEvent, fast: one eventfd write, no round trip."""
+        self.exits["signal_event"] += 1
+        os.eventfd_write(event_fd, 1)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,82 @@
+"""Guest RAM: a sealed memfd the guest owns, and its 4 KiB page allocator.
+
+GPA = offset into the memfd; PFN = GPA >> 12.  The fd goes to the host
+once, at partition creation.  The allocator hands out runs of physically
+consecutive pages (rings must be contiguous: the host maps a ring GPADL
+as one range) with first fit over a bytearray of page states; page 0 is
+never handed out, so GPA 0 can mean "none".
+"""
+
+from __future__ import annotations
+
+from ring import SharedMemory
+from ring._ring_c import ffi, lib
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+DEFAULT_RAM = 256 << 20
+
+
+class OutOfGuestMemory(MemoryError):
+    pass
+
+
+class GuestRam:
+    def __init__(self, size: int = DEFAULT_RAM) -> None:
+        self.shm = SharedMemory.create(size, "pvbus-guest-ram")
+        self.size = size
+        self.pages = size >> PAGE_SHIFT
+        self.view = memoryview(self.shm.buf)
+        self._base = ffi.from_buffer(self.shm.buf)
+        self._used = bytearray(self.pages)
+        self._used[0] = 1
+        self._hint = 1
+
+    @property
+    def fd(self) -> int:
+        return self.shm.fd
+
+    def alloc(self, npages: int) -> int:
+        """``npages`` consecutive zeroed pages; returns the first PFN."""
+        if npages <= 0:
+            raise ValueError("allocate at least one page")
+        run = bytes(npages)
+        for start_from in (self._hint, 1):
+            at = self._used.find(run, start_from)
+            if at != -1:
+                self._used[at : at + npages] = b"\x01" * npages
+                self._hint = at + npages
+                self.view[at << PAGE_SHIFT : (at + npages) << PAGE_SHIFT] = bytes(npages << PAGE_SHIFT)
+                return at
+        raise OutOfGuestMemory(f"no run of {npages} free pages")
+
+    def free(self, pfn: int, npages: int) -> None:
+        if pfn <= 0 or pfn + npages > self.pages or 0 in self._used[pfn : pfn + npages]:
+            raise ValueError(f"freeing pages {pfn}+{npages} that are not allocated")
+        self._used[pfn : pfn + npages] = bytes(npages)
+        self._hint = min(self._hint, pfn)
+
+    @property
+    def free_pages(self) -> int:
+        return self._used.count(0)
+
+    def pages_view(self, pfn: int, npages: int) -> memoryview:
+        return self.view[pfn << PAGE_SHIFT : (pfn + npages) << PAGE_SHIFT]
+
+    # atomics on the SynIC pages (the guest's side of the handshakes)
+    def load32(self, gpa: int) -> int:
+        return lib.pv_load32(self._base + gpa)
+
+    def store32(self, gpa: int, value: int) -> None:
+        lib.pv_store32(self._base + gpa, value)
+
+    def xchg64(self, gpa: int, value: int) -> int:
+        return lib.pv_xchg64(self._base + gpa, value)
+
+    def fence(self) -> None:
+        lib.pv_fence()
+
+    def close(self) -> None:
+        self.view.release()
+        self._base = None
+        self.shm.close()

@@ -1,0 +1,227 @@
+"""A channel: one ring pair plus the means to signal and be signalled.
+
+Shared by both sides.  The host's worker and the guest's driver see the
+same object: ``send`` stages and publishes packets following the ring's
+signalling decision; ``receive`` drains a batch with interrupts masked,
+copies every packet out of shared memory before anyone looks at it (the
+peer may rewrite the ring under us), commits once, and only sleeps after
+unmasking and re-checking.  What "signal" and "wait" mean is supplied by
+the side: on the guest a HvSignalEvent (one eventfd write) and a wake-up
+from the SynIC interrupt; on the host an event-flag bit plus the guest's
+SINT eventfd, and the channel's own eventfd.
+
+``Requestor`` adds transaction ids for request/completion protocols: ids
+are 1-based slots in a table of outstanding requests, never pointers, and
+a completion is accepted only for an id that is outstanding (reference
+section 8.1, "Transaction IDs").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ring import IncomingRing, OutgoingRing, Packet, PacketType, RingCorrupt, RingFull
+
+from .errors import ChannelClosed, ChannelRevoked
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChannelStatistics:
+    packets_sent: int = 0
+    packets_received: int = 0
+    signals_sent: int = 0
+    wakeups: int = 0
+    ring_full_waits: int = 0
+    corrupt: bool = False
+
+
+class Channel:
+    """One open channel as seen from one side."""
+
+    def __init__(
+        self,
+        relid: int,
+        outgoing: OutgoingRing,
+        incoming: IncomingRing,
+        signal: Callable[[], None],
+        wait: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.relid = relid
+        self.outgoing = outgoing
+        self.incoming = incoming
+        self._signal = signal
+        self._wait = wait
+        self.closed = False
+        self.revoked = False
+        self.stats = ChannelStatistics()
+
+    def _check(self) -> None:
+        if self.revoked:
+            raise ChannelRevoked(f"channel {self.relid} was rescinded")
+        if self.closed:
+            raise ChannelClosed(f"channel {self.relid} is closed")
+
+    def signal(self) -> None:
+        self.stats.signals_sent += 1
+        self._signal()
+
+    async def wait_interrupt(self) -> None:
+        await self._wait()
+        self.stats.wakeups += 1
+        self._check()
+
+    # -- sending --------------------------------------------------------
+
+    async def send(
+        self,
+        payload: bytes | memoryview | Sequence[bytes | memoryview],
+        *,
+        trans_id: int = 0,
+        completion_requested: bool = False,
+        packet_type: int = PacketType.DATA_INBAND,
+        header: bytes = b"",
+    ) -> None:
+        """Send one packet, waiting for room if the ring is full."""
+        await self.send_many([(payload, trans_id, completion_requested, packet_type, header)])
+
+    async def send_many(self, packets: Sequence[tuple[Any, int, bool, int, bytes]]) -> None:
+        """Stage many packets, publish them with as few commits as the ring
+        allows (one when they fit), signalling only when the ring says so."""
+        out = self.outgoing
+        i = staged = 0
+        while i < len(packets):
+            self._check()
+            payload, trans_id, completion, ptype, header = packets[i]
+            try:
+                out.write(payload, trans_id=trans_id, completion_requested=completion,
+                          packet_type=ptype, header=header)
+            except RingFull as full:
+                if staged:  # publish what we have; then the room we need is just this packet's
+                    self._commit()
+                    staged = 0
+                    continue
+                self.stats.ring_full_waits += 1
+                if not out.arm_pending_send(full.needed):
+                    await self.wait_interrupt()
+                out.clear_pending_send()
+                continue
+            i += 1
+            staged += 1
+            self.stats.packets_sent += 1
+        self._commit()
+
+    def _commit(self) -> None:
+        if self.outgoing.commit():
+            self.signal()
+
+    async def complete(self, trans_id: int, payload: bytes | memoryview = b"") -> None:
+        await self.send(payload, trans_id=trans_id, packet_type=PacketType.COMPLETION)
+
+    # -- receiving ------------------------------------------------------
+
+    def _take(self, limit: int) -> list[Packet]:
+        inc = self.incoming
+        got: list[Packet] = []
+        try:
+            while len(got) < limit:
+                pkt = inc.read_packet()
+                if pkt is None:
+                    break
+                # Private copies: the peer can change shared memory at will.
+                got.append(Packet(pkt.type, pkt.flags, pkt.trans_id, bytes(pkt.header), bytes(pkt.payload)))
+        except RingCorrupt:
+            self.stats.corrupt = True
+            raise
+        if got and inc.commit():
+            self.signal()
+        self.stats.packets_received += len(got)
+        return got
+
+    async def receive(self, limit: int = 256) -> list[Packet]:
+        """The next batch of packets (at least one), copied out of the ring."""
+        inc = self.incoming
+        while True:
+            self._check()
+            inc.mask()
+            got = self._take(limit)
+            if got:
+                return got  # still masked: the next call drains before sleeping
+            if inc.unmask():
+                continue  # arrived after the drain and before the unmask
+            await self.wait_interrupt()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def revoke(self) -> None:
+        self.revoked = True
+
+
+class Requestor:
+    """Outstanding requests of one channel, keyed by 1-based slot ids."""
+
+    def __init__(self, channel: Channel, capacity: int = 256) -> None:
+        self.channel = channel
+        self._slots: list[trio.Event | None] = [None] * capacity
+        self._results: dict[int, Packet] = {}
+        self._free = list(range(capacity, 0, -1))
+        self._room = trio.Condition()
+        self.stray_completions = 0
+
+    async def request(self, payload: bytes | Sequence[bytes], **kwargs: Any) -> Packet:
+        """Send ``payload`` with completion requested; return the completion."""
+        async with self._room:
+            while not self._free:
+                await self._room.wait()
+            tid = self._free.pop()
+        done = trio.Event()
+        self._slots[tid - 1] = done
+        try:
+            await self.channel.send(payload, trans_id=tid, completion_requested=True, **kwargs)
+            await done.wait()
+            if self.channel.revoked and tid not in self._results:
+                raise ChannelRevoked(f"channel {self.channel.relid} was rescinded")
+            return self._results.pop(tid)
+        finally:
+            self._slots[tid - 1] = None
+            self._results.pop(tid, None)
+            self._free.append(tid)
+            async with self._room:
+                self._room.notify()
+
+    def deliver(self, pkt: Packet) -> bool:
+        """Hand a completion to its waiter; False (and counted) if no such request."""
+        tid = pkt.trans_id
+        if pkt.type != PacketType.COMPLETION or not 1 <= tid <= len(self._slots):
+            self.stray_completions += 1
+            return False
+        ev = self._slots[tid - 1]
+        if ev is None or tid in self._results:
+            self.stray_completions += 1
+            return False
+        self._results[tid] = pkt
+        ev.set()
+        return True
+
+    def fail_all(self) -> None:
+        """Wake every waiter (after a rescind): they raise ChannelRevoked."""
+        for ev in self._slots:
+            if ev is not None:
+                ev.set()
+
+    async def run(self) -> None:
+        """Deliver completions until the channel goes away."""
+        try:
+            while True:
+                for pkt in await self.channel.receive():
+                    if not self.deliver(pkt):
+                        log.warning("channel %d: stray completion id %d", self.channel.relid, pkt.trans_id)
+        except (ChannelRevoked, ChannelClosed):
+            self.fail_all()

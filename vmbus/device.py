@@ -1,0 +1,94 @@
+"""The driver API: how a paravirtual device is written and registered.
+
+A device is a pair sharing one protocol module and one interface GUID:
+
+- a ``HostDevice`` (the VSP) that the host offers to every guest and
+  whose ``serve`` runs as the channel's worker task once the guest opens
+  it; it gets the ``Channel`` and the bounds-checked ``GuestMemory``;
+- a ``GuestDriver`` (the VSC) that the guest kernel binds to an offer with
+  the same interface GUID; ``start`` runs once the channel is open, and
+  guest programs reach the driver through ``kernel.device(name)``.
+
+Both are described by one ``DeviceSpec`` and published under the entry
+point group ``pvbus.devices``, so a separately installed package adds a
+device without touching the bus::
+
+    [project.entry-points."pvbus.devices"]
+    echo = "mypkg.echo:SPEC"
+
+``docs/writing-a-driver.md`` walks through the bundled example.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .channel import Channel
+    from .guest_memory import GuestMemory
+
+ENTRY_POINT_GROUP = "pvbus.devices"
+log = logging.getLogger(__name__)
+
+
+class HostDevice:
+    """Host half of a device.  One instance per guest partition."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    async def serve(self, channel: Channel, memory: GuestMemory) -> None:
+        """Serve the open channel until cancelled (close, rescind, guest gone)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release host resources when the partition goes away."""
+
+
+class GuestDriver:
+    """Guest half of a device.  One instance per bound offer."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    async def start(self, nursery: Any) -> None:
+        """The channel is open; start background tasks in ``nursery``."""
+
+    async def stop(self) -> None:
+        """The device is going away (shutdown or rescind)."""
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    interface_id: uuid.UUID
+    host: Callable[[dict[str, Any]], HostDevice]
+    guest: Callable[[Channel], GuestDriver]
+    ring_pages: int = 16  # per direction, 4 KiB each
+    description: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def load_devices() -> dict[str, DeviceSpec]:
+    """Every device installed under the ``pvbus.devices`` entry point group."""
+    found: dict[str, DeviceSpec] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            spec = ep.load()
+        except Exception:  # noqa: BLE001 - one broken plug-in must not stop the bus
+            log.exception("cannot load device entry point %s", ep.name)
+            continue
+        if not isinstance(spec, DeviceSpec):
+            log.error("entry point %s is not a DeviceSpec", ep.name)
+            continue
+        found[spec.name] = spec
+    return found
+
+
+def by_interface(devices: dict[str, DeviceSpec]) -> dict[uuid.UUID, DeviceSpec]:
+    return {spec.interface_id: spec for spec in devices.values()}

@@ -1,0 +1,27 @@
+"""Errors of the bus, split by who did it (trio's style)."""
+
+from __future__ import annotations
+
+import trio
+
+
+class VmbusError(Exception):
+    """Base of the bus's errors."""
+
+
+class ChannelClosed(VmbusError, trio.ClosedResourceError):
+    """We closed the channel ourselves and then used it."""
+
+
+class ChannelRevoked(VmbusError, trio.BrokenResourceError):
+    """The host rescinded the device; requests in flight and later ones fail."""
+
+
+class BootError(VmbusError):
+    """The guest could not connect, negotiate or enumerate."""
+
+
+class HypercallFailed(VmbusError):
+    def __init__(self, what: str, status: int) -> None:
+        super().__init__(f"{what} failed with HV_STATUS {status:#x}")
+        self.status = status

@@ -1,0 +1,124 @@
+"""The host's one window on guest RAM: every access is bounds-checked here.
+
+The guest owns its RAM (a sealed memfd) and hands the fd to the host once.
+A guest physical address (GPA) is an offset into it; a PFN is GPA >> 12.
+Nothing else in the host does arithmetic on guest memory: it asks this
+accessor for a view of a GPA range, of a list of pages, or of the atomics
+the SynIC pages need, and gets ``GuestMemoryError`` for anything outside
+the RAM, overflowing, or malformed.  The error is the guest's fault and is
+answered with a status, never a crash.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Sequence
+
+from ring import SharedMemory
+from ring._ring_c import ffi, lib
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+
+class GuestMemoryError(ValueError):
+    """Guest gave us an address, page number or length outside its RAM."""
+
+
+class GuestMemory:
+    """A mapping of the guest's RAM fd, with checked accessors."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise GuestMemoryError(f"guest RAM size {size} is not a positive multiple of {PAGE_SIZE}")
+        self._shm = SharedMemory.attach(fd, size)  # refuses unsealed or short memory
+        self.size = size
+        self.pages = size >> PAGE_SHIFT
+        self._view = memoryview(self._shm.buf)
+        self._base = ffi.from_buffer(self._shm.buf)
+
+    @property
+    def fd(self) -> int:
+        return self._shm.fd
+
+    def check_range(self, gpa: int, length: int) -> None:
+        # Overflow-safe: gpa > size or length > size - gpa (never gpa + length).
+        if gpa < 0 or length < 0 or gpa > self.size or length > self.size - gpa:
+            raise GuestMemoryError(f"GPA range {gpa:#x}+{length:#x} outside guest RAM of {self.size:#x}")
+
+    def check_pfn(self, pfn: int) -> None:
+        if not 0 <= pfn < self.pages:
+            raise GuestMemoryError(f"PFN {pfn:#x} outside guest RAM ({self.pages} pages)")
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy view of ``length`` bytes at ``gpa``."""
+        self.check_range(gpa, length)
+        return self._view[gpa : gpa + length]
+
+    def contiguous_pages(self, pfns: Sequence[int]) -> memoryview:
+        """One view over pages that must be physically consecutive (ring GPADLs)."""
+        if not pfns:
+            raise GuestMemoryError("empty page list")
+        for i, pfn in enumerate(pfns):
+            self.check_pfn(pfn)
+            if pfn != pfns[0] + i:
+                raise GuestMemoryError("pages are not contiguous")
+        return self.view(pfns[0] << PAGE_SHIFT, len(pfns) << PAGE_SHIFT)
+
+    def iovec(self, pfns: Sequence[int], byte_offset: int, byte_count: int) -> list[memoryview]:
+        """Views covering ``byte_count`` bytes from ``byte_offset`` into the first
+        of ``pfns``: one per run of consecutive pages (for preadv/pwritev)."""
+        if byte_count <= 0 or not 0 <= byte_offset < PAGE_SIZE:
+            raise GuestMemoryError(f"bad range: offset {byte_offset}, count {byte_count}")
+        needed = (byte_offset + byte_count + PAGE_SIZE - 1) >> PAGE_SHIFT
+        if needed > len(pfns):
+            raise GuestMemoryError(f"range needs {needed} pages, {len(pfns)} given")
+        out: list[memoryview] = []
+        remaining = byte_count
+        i = 0
+        offset = byte_offset
+        while remaining:
+            run_start = pfns[i]
+            self.check_pfn(run_start)
+            run = 1
+            while i + run < needed and pfns[i + run] == run_start + run:
+                self.check_pfn(pfns[i + run])
+                run += 1
+            length = min(remaining, (run << PAGE_SHIFT) - offset)
+            out.append(self.view((run_start << PAGE_SHIFT) + offset, length))
+            remaining -= length
+            offset = 0
+            i += run
+        return out
+
+    # -- atomics for the SynIC pages (word-aligned, checked) ---------------
+
+    def _word(self, gpa: int, width: int) -> object:
+        if gpa % width:
+            raise GuestMemoryError(f"GPA {gpa:#x} not {width}-aligned")
+        self.check_range(gpa, width)
+        return self._base + gpa
+
+    def load32(self, gpa: int) -> int:
+        return lib.pv_load32(self._word(gpa, 4))
+
+    def store32(self, gpa: int, value: int) -> None:
+        lib.pv_store32(self._word(gpa, 4), value)
+
+    def or8(self, gpa: int, value: int) -> int:
+        return lib.pv_or8(self._word(gpa, 1), value)
+
+    def or64(self, gpa: int, value: int) -> int:
+        return lib.pv_or64(self._word(gpa, 8), value)
+
+    def close(self) -> None:
+        self._view.release()
+        self._base = None
+        self._shm.close()
+
+
+def resident_bytes() -> int:
+    """This process's resident set size, for the memory-cost figures."""
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * mmap.PAGESIZE

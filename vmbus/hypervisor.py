@@ -1,0 +1,235 @@
+"""The host's hypervisor half of a partition: exits in, SynIC out.
+
+A ``Partition`` is one connected guest.  It owns the guest's RAM mapping
+(``GuestMemory``), its SINT eventfd and its control socket, and it
+
+- answers every exit that arrives on the socket (hypercalls and MSR
+  writes) with an HV_STATUS, counting each one;
+- delivers host-to-guest messages into SynIC message slot 2 of the
+  guest's SIMP page with the real handshake: the slot is written only
+  when its message_type is HVMSG_NONE, otherwise the message is queued
+  and msg_pending is set, and the guest's EOM write delivers the next one;
+- raises per-channel interrupts by setting the channel's bit in the SINT 2
+  block of the guest's event-flags page and writing the SINT eventfd.
+
+What the messages mean is the VMBus server's business (``vmbus.server``);
+this module only moves them.  Facts: reference sections 4.1-4.4.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections import Counter, deque
+from collections.abc import Callable
+
+import trio
+
+from . import hv
+from .guest_memory import PAGE_SIZE, GuestMemory, GuestMemoryError
+from .transport import (
+    CONTROL_WORD,
+    KIND,
+    STATUS,
+    WRMSR_BODY,
+    ExitKind,
+    Truncated,
+    close_fds,
+    recv_msg,
+    send_msg,
+)
+
+log = logging.getLogger(__name__)
+SLOT_OFFSET = hv.VMBUS_MESSAGE_SINT * hv.HV_MESSAGE_SIZE
+FLAGS_OFFSET = hv.VMBUS_MESSAGE_SINT * hv.EVENT_FLAGS_BYTES_PER_SINT
+MAX_QUEUED_MESSAGES = 1024
+
+
+class Partition:
+    """One guest, as the hypervisor sees it."""
+
+    def __init__(self, pid: int, sock: trio.socket.SocketType, memory: GuestMemory, sint_fd: int) -> None:
+        self.id = pid
+        self.sock = sock
+        self.memory = memory
+        self.sint_fd = sint_fd
+        self.simp: int | None = None  # GPA of the SynIC message page
+        self.siefp: int | None = None  # GPA of the event-flags page
+        self._queue: deque[bytes] = deque()
+        self.exits: Counter[str] = Counter()
+        self.interrupts = 0
+        self.messages_delivered = 0
+        self.rejected: Counter[str] = Counter()
+        # set by the VMBus server: (connection id, message bytes) -> status
+        self.on_message: Callable[[int, bytes], int] = lambda conn, data: hv.HvStatus.INVALID_CONNECTION_ID
+        # connection id -> eventfd to hand to the guest (CONNECT_EVENT_PORT)
+        self.event_port: Callable[[int], int | None] = lambda conn: None
+        self.on_signal: Callable[[int], bool] = lambda conn: False
+
+    def reject(self, what: str, detail: str) -> None:
+        """Count and log a refused guest request (the guest is untrusted)."""
+        self.rejected[what] += 1
+        log.warning("partition %d: rejected %s: %s", self.id, what, detail)
+
+    # -- exits ------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Answer exits until the guest disconnects."""
+        while True:
+            try:
+                data, fds = await recv_msg(self.sock)
+            except Truncated as exc:
+                self.exits["malformed"] += 1
+                self.reject("exit", str(exc))
+                await send_msg(self.sock, STATUS.pack(hv.HvStatus.INVALID_HYPERCALL_INPUT))
+                continue
+            if not data:
+                return  # end of stream: the guest went away
+            close_fds(fds)  # after CONNECT no exit carries fds
+            status, reply_fds = self.handle_exit(data)
+            await send_msg(self.sock, STATUS.pack(status), reply_fds)
+
+    def handle_exit(self, data: bytes) -> tuple[int, list[int]]:
+        if len(data) < KIND.size:
+            self.exits["malformed"] += 1
+            self.reject("exit", f"{len(data)}-byte datagram")
+            return hv.HvStatus.INVALID_HYPERCALL_INPUT, []
+        (kind,) = KIND.unpack_from(data)
+        body = data[KIND.size :]
+        if kind == ExitKind.HYPERCALL:
+            return self._hypercall(body)
+        if kind == ExitKind.WRMSR:
+            self.exits["wrmsr"] += 1
+            return self._wrmsr(body), []
+        self.exits["malformed"] += 1
+        self.reject("exit", f"unknown exit kind {kind}")
+        return hv.HvStatus.INVALID_HYPERCALL_INPUT, []
+
+    def _hypercall(self, body: bytes) -> tuple[int, list[int]]:
+        if len(body) < CONTROL_WORD.size:
+            self.exits["malformed"] += 1
+            self.reject("hypercall", "no control word")
+            return hv.HvStatus.INVALID_HYPERCALL_INPUT, []
+        code, fast, reps = hv.split_control_word(CONTROL_WORD.unpack_from(body)[0])
+        block = body[CONTROL_WORD.size :]
+        if code == hv.HvCall.POST_MESSAGE:
+            self.exits["post_message"] += 1
+            if fast or reps or len(block) != hv.POST_MESSAGE_INPUT.size:
+                self.reject("post_message", "bad control word or input size")
+                return hv.HvStatus.INVALID_HYPERCALL_INPUT, []
+            conn, _, mtype, size, payload = hv.POST_MESSAGE_INPUT.unpack(block)
+            if mtype != hv.VMBUS_MESSAGE_TYPE or size > hv.MESSAGE_PAYLOAD_MAX:
+                self.reject("post_message", f"message type {mtype}, payload size {size}")
+                return hv.HvStatus.INVALID_PARAMETER, []
+            return self.on_message(conn & 0xFFFFFF, payload[:size]), []
+        if code == hv.HvCall.SIGNAL_EVENT:
+            self.exits["signal_event"] += 1
+            if len(block) < hv.SIGNAL_EVENT_INPUT.size:
+                return hv.HvStatus.INVALID_HYPERCALL_INPUT, []
+            conn, _, _ = hv.SIGNAL_EVENT_INPUT.unpack_from(block)
+            return (hv.HvStatus.SUCCESS if self.on_signal(conn) else hv.HvStatus.INVALID_CONNECTION_ID), []
+        if code == hv.HvCall.CONNECT_EVENT_PORT:
+            self.exits["connect_port"] += 1
+            if len(block) < 4:
+                return hv.HvStatus.INVALID_HYPERCALL_INPUT, []
+            (conn,) = struct.unpack_from("<I", block)
+            fd = self.event_port(conn)
+            if fd is None:
+                self.reject("connect_port", f"no open channel on connection id {conn:#x}")
+                return hv.HvStatus.INVALID_CONNECTION_ID, []
+            return hv.HvStatus.SUCCESS, [fd]
+        self.exits["unknown_hypercall"] += 1
+        self.reject("hypercall", f"unknown code {code:#x}")
+        return hv.HvStatus.INVALID_HYPERCALL_CODE, []
+
+    def _wrmsr(self, body: bytes) -> int:
+        if len(body) != WRMSR_BODY.size:
+            self.reject("wrmsr", "bad size")
+            return hv.HvStatus.INVALID_HYPERCALL_INPUT
+        msr, value = WRMSR_BODY.unpack(body)
+        if msr in (hv.HV_X64_MSR_SIMP, hv.HV_X64_MSR_SIEFP):
+            gpa = value & ~(PAGE_SIZE - 1)
+            enabled = bool(value & hv.MSR_ENABLE)
+            if enabled:
+                try:
+                    self.memory.check_range(gpa, PAGE_SIZE)
+                except GuestMemoryError as exc:
+                    self.reject("wrmsr", str(exc))
+                    return hv.HvStatus.INVALID_PARAMETER
+            if msr == hv.HV_X64_MSR_SIMP:
+                self.simp = gpa if enabled else None
+                self.deliver()
+            else:
+                self.siefp = gpa if enabled else None
+            return hv.HvStatus.SUCCESS
+        if msr == hv.HV_X64_MSR_EOM:
+            self.deliver()
+            return hv.HvStatus.SUCCESS
+        self.reject("wrmsr", f"unknown MSR {msr:#x}")
+        return hv.HvStatus.INVALID_PARAMETER
+
+    # -- SynIC ------------------------------------------------------------
+
+    def post(self, message: bytes) -> None:
+        """Queue a message for the guest's SINT 2 slot and try to deliver it."""
+        if len(self._queue) >= MAX_QUEUED_MESSAGES:
+            self.reject("synic", "guest is not consuming messages; dropping")
+            return
+        self._queue.append(message)
+        self.deliver()
+
+    def deliver(self) -> None:
+        """Move queued messages into the slot while it is free."""
+        if self.simp is None:
+            return
+        slot = self.simp + SLOT_OFFSET
+        mem = self.memory
+        while self._queue:
+            if mem.load32(slot) != hv.HVMSG_NONE:
+                # Slot busy: ask for an EOM, then look again.  The guest
+                # clears message_type and then reads msg_pending; we set
+                # msg_pending and then read message_type.  Both seq_cst, so
+                # one of us sees the other's store and nothing is stranded.
+                mem.or8(slot + 5, hv.MSG_FLAG_PENDING)
+                if mem.load32(slot) != hv.HVMSG_NONE:
+                    return
+            msg = self._queue.popleft()
+            view = mem.view(slot, hv.HV_MESSAGE_SIZE)
+            view[16 : 16 + len(msg)] = msg
+            view[4:16] = struct.pack("<BBHQ", len(msg), hv.MSG_FLAG_PENDING if self._queue else 0, 0, 0)
+            mem.store32(slot, hv.VMBUS_MESSAGE_TYPE)  # publish last: the guest reads the type first
+            self.messages_delivered += 1
+            self._raise_sint()
+            return  # one message per slot; the guest's EOM brings the next
+
+    def interrupt(self, relid: int) -> None:
+        """Channel interrupt: set the relid's event flag, then signal the SINT."""
+        if self.siefp is None or not 0 <= relid < hv.EVENT_FLAGS_BYTES_PER_SINT * 8:
+            return
+        self.memory.or64(self.siefp + FLAGS_OFFSET + (relid // 64) * 8, 1 << (relid % 64))
+        self._raise_sint()
+
+    def _raise_sint(self) -> None:
+        self.interrupts += 1
+        try:
+            os.eventfd_write(self.sint_fd, 1)
+        except OSError as exc:  # the guest closed its end: it is going away
+            log.debug("partition %d: SINT write failed: %s", self.id, exc)
+
+    def close(self) -> None:
+        close_fds([self.sint_fd])
+        self.sint_fd = -1
+        self.sock.close()
+        self.memory.close()
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "ram_bytes": self.memory.size,
+            "exits": dict(self.exits),
+            "interrupts": self.interrupts,
+            "messages_delivered": self.messages_delivered,
+            "messages_queued": len(self._queue),
+            "rejected": dict(self.rejected),
+        }

@@ -1,0 +1,1 @@
+"""Wire formats of devices, one module per device, shared by both halves."""

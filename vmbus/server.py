@@ -1,0 +1,402 @@
+"""The host side of the VMBus control protocol, one instance per partition.
+
+It keeps an explicit state per channel and per GPADL, validates every
+message the guest posts, and answers with an HV_STATUS (returned as the
+HvPostMessage result) plus, where the protocol has one, a response
+message with a failure status (GPADL_CREATED, OPENCHANNEL_RESULT).  What
+it refuses (reference section 8.2, after openvmm's vmbus_server): an
+unknown or wrong-state relid, an unknown, duplicate or still-assembling
+GPADL id, a body for no GPADL or beyond the declared length, a PFN outside
+guest RAM, a ring GPADL that is not one contiguous run or a downstream
+offset that does not split it into two rings, opening an open channel,
+a second REQUESTOFFERS, and any message before contact or on the wrong
+connection id.  Every refusal is logged and counted; the partition keeps
+running.
+
+Channel states: OFFERED -> OPEN -> (CLOSECHANNEL) OFFERED, or any ->
+RESCINDED -> (RELID_RELEASED) gone.  An open channel has a worker task in
+the partition's nursery running the device's ``serve``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ring import Doorbell, IncomingRing, OutgoingRing, RingError
+
+from . import hv
+from . import protocol as P
+from .channel import Channel
+from .device import DeviceSpec, HostDevice
+from .guest_memory import PAGE_SHIFT, GuestMemoryError
+from .hypervisor import Partition
+
+log = logging.getLogger(__name__)
+
+HOST_VERSIONS = (
+    P.Version.WIN10_V5_3, P.Version.WIN10_V5_2, P.Version.WIN10_V5_1, P.Version.WIN10_V5,
+    P.Version.WIN10_V4_1, P.Version.WIN10, P.Version.WIN8_1,
+)
+NEGOTIATED_CONN_ID_V5 = 4  # what we hand out as msg_conn_id at >= 5.0
+MAX_GPADLS = 1024
+
+
+class ChannelState(enum.Enum):
+    OFFERED = "offered"
+    OPEN = "open"
+    RESCINDED = "rescinded"
+
+
+@dataclass
+class Gpadl:
+    gpadl_id: int
+    relid: int
+    total: int
+    byte_count: int
+    byte_offset: int
+    pfns: list[int] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.pfns) == self.total
+
+
+@dataclass
+class HostChannel:
+    relid: int
+    spec: DeviceSpec
+    instance: uuid.UUID
+    device: HostDevice
+    state: ChannelState = ChannelState.OFFERED
+    ring_gpadl: int | None = None
+    channel: Channel | None = None
+    doorbell: Doorbell | None = None
+    scope: trio.CancelScope | None = None
+    guest_signals: int = 0
+
+    @property
+    def connection_id(self) -> int:
+        # openvmm ConnectionId::new: channel id | sint << 12
+        return self.relid | (hv.VMBUS_MESSAGE_SINT << 12)
+
+
+class Refused(Exception):
+    """A guest message we refuse; carries the hypercall status to return."""
+
+    def __init__(self, status: int, what: str) -> None:
+        super().__init__(what)
+        self.status = status
+
+
+class VmbusServer:
+    def __init__(
+        self,
+        partition: Partition,
+        devices: Iterable[DeviceSpec],
+        nursery: trio.Nursery,
+        versions: Iterable[int] = HOST_VERSIONS,
+        device_config: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        self.partition = partition
+        self.nursery = nursery
+        self.versions = frozenset(int(v) for v in versions)
+        self.version: int | None = None
+        self.msg_conn_id = hv.VMBUS_MESSAGE_CONNECTION_ID
+        self.offers_sent = False
+        self.channels: dict[int, HostChannel] = {}
+        self.gpadls: dict[int, Gpadl] = {}
+        self.assembling: dict[int, Gpadl] = {}
+        config = device_config or {}
+        for relid, spec in enumerate(devices, start=1):
+            self.channels[relid] = HostChannel(
+                relid, spec, uuid.uuid5(spec.interface_id, f"partition-{partition.id}-{relid}"),
+                spec.host(config.get(spec.name, {})),
+            )
+        partition.on_message = self.handle
+        partition.event_port = self._event_port
+        partition.on_signal = self._slow_signal
+
+    # -- entry point -------------------------------------------------------
+
+    def handle(self, conn_id: int, data: bytes) -> int:
+        """One posted message; returns the HvPostMessage status."""
+        try:
+            msg = P.decode(data)
+        except P.ProtocolError as exc:
+            self.partition.reject("message", str(exc))
+            return hv.HvStatus.INVALID_PARAMETER
+        try:
+            if isinstance(msg, P.InitiateContact):
+                return self._initiate_contact(conn_id, msg)
+            if self.version is None:
+                raise Refused(hv.HvStatus.INVALID_PARTITION_STATE, f"{msg.TYPE.name} before contact")
+            if conn_id != self.msg_conn_id:
+                raise Refused(hv.HvStatus.INVALID_CONNECTION_ID, f"message on connection id {conn_id}")
+            handler = getattr(self, f"_on_{msg.TYPE.name.lower()}", None)
+            if handler is None:
+                raise Refused(hv.HvStatus.INVALID_PARAMETER, f"{msg.TYPE.name} is not a guest-to-host message")
+            handler(msg)
+            return hv.HvStatus.SUCCESS
+        except Refused as exc:
+            self.partition.reject(msg.TYPE.name, str(exc))
+            return exc.status
+
+    def _send(self, msg: P.Message) -> None:
+        self.partition.post(msg.encode())
+
+    # -- connect and enumerate ---------------------------------------------
+
+    def _initiate_contact(self, conn_id: int, msg: P.InitiateContact) -> int:
+        new_style = msg.version_requested >= P.CONNECTION_ID_CHANGE
+        expected = hv.VMBUS_MESSAGE_CONNECTION_ID_4 if new_style else hv.VMBUS_MESSAGE_CONNECTION_ID
+        # A host that supports nothing from 5.0 on does not know connection
+        # id 4 at all: the post itself fails, as on an old Hyper-V host.
+        if conn_id == hv.VMBUS_MESSAGE_CONNECTION_ID_4 and max(self.versions) < P.CONNECTION_ID_CHANGE:
+            raise Refused(hv.HvStatus.INVALID_CONNECTION_ID, "connection id 4 unknown to this host")
+        if conn_id != expected:
+            raise Refused(hv.HvStatus.INVALID_CONNECTION_ID, f"INITIATE_CONTACT on connection id {conn_id}")
+        if any(ch.state is ChannelState.OPEN for ch in self.channels.values()):
+            raise Refused(hv.HvStatus.INVALID_PARTITION_STATE, "INITIATE_CONTACT with channels open")
+        if msg.version_requested not in self.versions:
+            self._send(P.VersionResponse(0, 0, 0, 0))
+            return hv.HvStatus.SUCCESS
+        self.version = msg.version_requested
+        self.msg_conn_id = NEGOTIATED_CONN_ID_V5 if new_style else hv.VMBUS_MESSAGE_CONNECTION_ID
+        self.offers_sent = False
+        log.info("partition %d: version %#x negotiated", self.partition.id, self.version)
+        self._send(P.VersionResponse(1, 0, 0, self.msg_conn_id if new_style else 0))
+        return hv.HvStatus.SUCCESS
+
+    def _on_requestoffers(self, msg: P.RequestOffers) -> None:
+        if self.offers_sent:
+            raise Refused(hv.HvStatus.INVALID_PARTITION_STATE, "second REQUESTOFFERS")
+        self.offers_sent = True
+        for ch in self.channels.values():
+            if ch.state is not ChannelState.RESCINDED:
+                self._send(self._offer(ch))
+        self._send(P.AllOffersDelivered())
+
+    def _offer(self, ch: HostChannel) -> P.OfferChannel:
+        return P.OfferChannel(
+            if_type=P.guid_to_wire(ch.spec.interface_id), if_instance=P.guid_to_wire(ch.instance),
+            child_relid=ch.relid, connection_id=ch.connection_id,
+        )
+
+    # -- GPADLs --------------------------------------------------------------
+
+    def _channel(self, relid: int, *states: ChannelState) -> HostChannel:
+        ch = self.channels.get(relid)
+        if ch is None:
+            raise Refused(hv.HvStatus.INVALID_PARAMETER, f"unknown relid {relid}")
+        if states and ch.state not in states:
+            raise Refused(hv.HvStatus.INVALID_PARAMETER, f"relid {relid} is {ch.state.value}")
+        return ch
+
+    def _gpadl_failed(self, relid: int, gpadl: int, why: str) -> Refused:
+        self._send(P.GpadlCreated(relid, gpadl, P.STATUS_UNSUCCESSFUL))
+        return Refused(hv.HvStatus.INVALID_PARAMETER, why)
+
+    def _check_pfns(self, pfns: Iterable[int]) -> None:
+        for pfn in pfns:
+            self.partition.memory.check_pfn(pfn)
+
+    def _on_gpadl_header(self, msg: P.GpadlHeader) -> None:
+        relid, gid = msg.child_relid, msg.gpadl
+        if relid not in self.channels or self.channels[relid].state is ChannelState.RESCINDED:
+            raise self._gpadl_failed(relid, gid, f"GPADL for unknown relid {relid}")
+        if gid in self.gpadls or gid in self.assembling:
+            raise Refused(hv.HvStatus.INVALID_PARAMETER, f"duplicate GPADL id {gid:#x}")
+        if len(self.gpadls) + len(self.assembling) >= MAX_GPADLS:
+            raise self._gpadl_failed(relid, gid, "too many GPADLs")
+        total = msg.total_pfns
+        pages = (msg.byte_offset + msg.byte_count + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT
+        if (
+            msg.range_buflen != P.GPA_RANGE_HEAD.size + 8 * total
+            or total == 0
+            or msg.byte_count == 0
+            or msg.byte_offset >= 1 << PAGE_SHIFT
+            or pages != total
+            or total > self.partition.memory.pages
+        ):
+            raise self._gpadl_failed(relid, gid, f"bad range: {total} pages for {msg.byte_count} bytes")
+        try:
+            self._check_pfns(msg.pfns)
+        except GuestMemoryError as exc:
+            raise self._gpadl_failed(relid, gid, str(exc)) from None
+        g = Gpadl(gid, relid, total, msg.byte_count, msg.byte_offset, list(msg.pfns))
+        self._gpadl_progress(g)
+
+    def _on_gpadl_body(self, msg: P.GpadlBody) -> None:
+        g = self.assembling.get(msg.gpadl)
+        if g is None:
+            raise Refused(hv.HvStatus.INVALID_PARAMETER, f"GPADL_BODY for no GPADL in progress ({msg.gpadl:#x})")
+        if len(g.pfns) + len(msg.pfns) > g.total:
+            del self.assembling[g.gpadl_id]
+            raise self._gpadl_failed(g.relid, g.gpadl_id, "GPADL_BODY beyond the declared length")
+        try:
+            self._check_pfns(msg.pfns)
+        except GuestMemoryError as exc:
+            del self.assembling[g.gpadl_id]
+            raise self._gpadl_failed(g.relid, g.gpadl_id, str(exc)) from None
+        g.pfns.extend(msg.pfns)
+        self._gpadl_progress(g)
+
+    def _gpadl_progress(self, g: Gpadl) -> None:
+        if g.complete:
+            self.assembling.pop(g.gpadl_id, None)
+            self.gpadls[g.gpadl_id] = g
+            self._send(P.GpadlCreated(g.relid, g.gpadl_id, P.STATUS_SUCCESS))
+        else:
+            self.assembling[g.gpadl_id] = g
+
+    def _on_gpadl_teardown(self, msg: P.GpadlTeardown) -> None:
+        g = self.gpadls.get(msg.gpadl)
+        if g is None:
+            raise Refused(hv.HvStatus.INVALID_PARAMETER, f"teardown of unknown GPADL {msg.gpadl:#x}")
+        if any(ch.ring_gpadl == g.gpadl_id and ch.state is ChannelState.OPEN for ch in self.channels.values()):
+            raise Refused(hv.HvStatus.INVALID_PARAMETER, f"GPADL {msg.gpadl:#x} is an open channel's ring")
+        del self.gpadls[g.gpadl_id]
+        self._send(P.GpadlTorndown(g.gpadl_id))
+
+    # -- open and close ------------------------------------------------------
+
+    def _on_openchannel(self, msg: P.OpenChannel) -> None:
+        relid = msg.child_relid
+        ch = self.channels.get(relid)
+
+        def fail(why: str) -> Refused:
+            self._send(P.OpenChannelResult(relid, msg.openid, P.STATUS_UNSUCCESSFUL))
+            return Refused(hv.HvStatus.INVALID_PARAMETER, why)
+
+        if ch is None or ch.state is ChannelState.RESCINDED:
+            raise fail(f"open of unknown relid {relid}")
+        if ch.state is ChannelState.OPEN:
+            raise fail(f"relid {relid} is already open")
+        g = self.gpadls.get(msg.ringbuffer_gpadl)
+        if g is None or g.relid != relid:
+            raise fail(f"ring GPADL {msg.ringbuffer_gpadl:#x} unknown for relid {relid}")
+        split = msg.downstream_ring_page_offset
+        if g.byte_offset != 0 or g.byte_count != g.total << PAGE_SHIFT or not 2 <= split <= g.total - 2:
+            raise fail(f"downstream offset {split} does not split a {g.total}-page ring GPADL")
+        try:
+            rings = self.partition.memory.contiguous_pages(g.pfns)
+        except GuestMemoryError as exc:
+            raise fail(f"ring GPADL: {exc}") from None
+        cut = split << PAGE_SHIFT
+        try:
+            # The guest formatted both rings; we attach and distrust them.
+            incoming = IncomingRing(rings, 0, cut)
+            outgoing = OutgoingRing(rings, cut, len(rings) - cut)
+        except (ValueError, RingError) as exc:
+            raise fail(f"rings: {exc}") from None
+        ch.doorbell = Doorbell()
+        part = self.partition
+
+        async def wait() -> None:
+            assert ch.doorbell is not None
+            ch.guest_signals += await ch.doorbell.wait()
+
+        ch.channel = Channel(relid, outgoing, incoming, lambda: part.interrupt(relid), wait)
+        ch.ring_gpadl = g.gpadl_id
+        ch.state = ChannelState.OPEN
+        ch.scope = trio.CancelScope()
+        self.nursery.start_soon(self._worker, ch, ch.scope, ch.channel)
+        log.info("partition %d: channel %d (%s) open", part.id, relid, ch.spec.name)
+        self._send(P.OpenChannelResult(relid, msg.openid, P.STATUS_SUCCESS))
+
+    async def _worker(self, ch: HostChannel, scope: trio.CancelScope, channel: Channel) -> None:
+        with scope:
+            try:
+                await ch.device.serve(channel, self.partition.memory)
+            except RingError as exc:
+                self.partition.reject("ring", f"channel {ch.relid}: {exc}; closing it")
+            except trio.ClosedResourceError:
+                pass
+        if ch.channel is channel and ch.state is ChannelState.OPEN:
+            self._stop_channel(ch)  # the device gave up (e.g. corrupt ring): quiesce it
+
+    def _stop_channel(self, ch: HostChannel) -> None:
+        if ch.scope is not None:
+            ch.scope.cancel()
+        if ch.channel is not None:
+            ch.channel.close()
+        if ch.doorbell is not None:
+            ch.doorbell.close()
+        ch.scope = ch.channel = ch.doorbell = None
+        ch.ring_gpadl = None
+
+    def _on_closechannel(self, msg: P.CloseChannel) -> None:
+        ch = self._channel(msg.child_relid, ChannelState.OPEN)
+        self._stop_channel(ch)
+        ch.state = ChannelState.OFFERED
+        log.info("partition %d: channel %d closed", self.partition.id, ch.relid)
+
+    def _event_port(self, conn_id: int) -> int | None:
+        for ch in self.channels.values():
+            if ch.connection_id == conn_id and ch.state is ChannelState.OPEN and ch.doorbell is not None:
+                return ch.doorbell.fileno()
+        return None
+
+    def _slow_signal(self, conn_id: int) -> bool:
+        for ch in self.channels.values():
+            if ch.connection_id == conn_id and ch.doorbell is not None:
+                ch.doorbell.ring()
+                return True
+        return False
+
+    # -- rescind and unload ----------------------------------------------------
+
+    def rescind(self, relid: int) -> None:
+        """Hot-remove a device: stop its worker, tell the guest."""
+        ch = self._channel(relid)
+        if ch.state is ChannelState.RESCINDED:
+            return
+        self._stop_channel(ch)
+        ch.state = ChannelState.RESCINDED
+        self._send(P.RescindChannelOffer(relid))
+        log.info("partition %d: channel %d rescinded", self.partition.id, relid)
+
+    def _on_relid_released(self, msg: P.RelidReleased) -> None:
+        ch = self._channel(msg.child_relid, ChannelState.RESCINDED)
+        for gid in [gid for gid, g in self.gpadls.items() if g.relid == ch.relid]:
+            del self.gpadls[gid]
+        del self.channels[ch.relid]
+
+    def _on_unload(self, msg: P.Unload) -> None:
+        for ch in self.channels.values():
+            if ch.state is ChannelState.OPEN:
+                self._stop_channel(ch)
+                ch.state = ChannelState.OFFERED
+        self.gpadls.clear()
+        self.assembling.clear()
+        self.version = None
+        self.offers_sent = False
+        self._send(P.UnloadResponse())
+
+    async def close(self) -> None:
+        for ch in self.channels.values():
+            self._stop_channel(ch)
+            await ch.device.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        chans = []
+        for ch in self.channels.values():
+            entry: dict[str, Any] = {
+                "relid": ch.relid, "device": ch.spec.name, "state": ch.state.value,
+                "interface": str(ch.spec.interface_id), "guest_signals": ch.guest_signals,
+            }
+            if ch.channel is not None:
+                c = ch.channel
+                entry["ring"] = {"incoming": c.incoming.control(), "outgoing": c.outgoing.control()}
+                entry["stats"] = vars(c.stats)
+            chans.append(entry)
+        return {"version": None if self.version is None else hex(self.version), "channels": chans,
+                "gpadls": len(self.gpadls)}
+
