@@ -54,7 +54,8 @@ class Hypercalls:
 
     async def hypercall(self, code: int, block: bytes, *, fast: bool = False) -> tuple[int, list[int]]:
         word = CONTROL_WORD.pack(hv.control_word(code, fast=fast))
-        return await self._exit(hv.HvCall(code).name.lower(), KIND.pack(ExitKind.HYPERCALL) + word + block)
+        name = hv.HvCall(code).name.lower() if code in hv.HvCall._value2member_map_ else f"hypercall_{code:#x}"
+        return await self._exit(name, KIND.pack(ExitKind.HYPERCALL) + word + block)
 
     async def post_message(self, connection_id: int, message: bytes) -> int:
         """HvPostMessage: returns the HV_STATUS (the caller decides on retries)."""

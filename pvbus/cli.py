@@ -1,12 +1,14 @@
 """``pvbus``: the single entry point.
 
-Subcommands grow with the project.  Today:
+Subcommands:
 
-- ``pvbus run``: the main job on its embedded default.  Until the bus
-  exists it is a two-process ring demo: two processes share a memfd with
-  a pair of VMBus rings and eventfd doorbells, move a checked stream of
-  mixed-size packets and a 64-byte burst, and print what they moved and
-  how fast.
+- ``pvbus host`` / ``pvbus guest``: the two halves, one process each
+  (``pvbus.launch``).
+- ``pvbus run``: the main job on its embedded default: a host and a guest
+  started as a pair, the guest running a program (default ``echo-demo``).
+- ``pvbus inspect``: a running host's partitions, channels and counters.
+- ``pvbus ring-demo``: two processes moving a checked packet stream over a
+  bare ring pair.
 - ``pvbus bench ring [--json FILE] [--quick]``: the ring against
   ``os.pipe``, ``multiprocessing.Pipe`` and ``faster_fifo.Queue``.
 
@@ -22,7 +24,50 @@ import time
 from . import __version__
 
 
+def _logging(level: str) -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    handler: logging.Handler = RichHandler(show_path=False) if sys.stderr.isatty() else logging.StreamHandler()
+    if not sys.stderr.isatty():
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def _cmd_host(args: argparse.Namespace) -> int:
+    import trio
+
+    from .launch import host_main
+
+    return trio.run(host_main, args.socket, args.device, args.versions)
+
+
+def _cmd_guest(args: argparse.Namespace) -> int:
+    import trio
+
+    from .launch import guest_main
+
+    return trio.run(guest_main, args.socket, args.program, args.args, args.ram, args.versions)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from .launch import run_main
+
+    return trio.run(run_main, args.program, args.args, args.device, args.ram)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import trio
+
+    from .launch import inspect_main
+
+    return trio.run(inspect_main, args.socket)
+
+
+def _cmd_ring_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
@@ -77,11 +122,37 @@ def _cmd_bench_ring(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pvbus", description="Paravirtual I/O over VMBus-format rings.")
     parser.add_argument("--version", action="version", version=f"pvbus {__version__}")
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning (default), error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="the main job on its embedded default (today: the two-process ring demo)")
-    run.add_argument("--packets", type=int, default=200_000, help="packets in the checked transfer")
+    host = sub.add_parser("host", help="run the host service in the foreground (SIGTERM stops it)")
+    host.add_argument("--socket", required=True, help="AF_UNIX path guests connect to")
+    host.add_argument("--device", action="append", help="offer this device (repeatable; default: all installed)")
+    host.add_argument("--versions", help="VMBus versions to accept, e.g. 4.0,3.0 (default: 3.0 to 5.3)")
+    host.set_defaults(func=_cmd_host)
+
+    guest = sub.add_parser("guest", help="boot a guest kernel against a host and run a guest program")
+    guest.add_argument("--socket", required=True)
+    guest.add_argument("--program", default="echo-demo", help="echo-demo, echo-load, idle, or module:function")
+    guest.add_argument("--ram", type=int, default=256, help="guest RAM in MiB (default 256)")
+    guest.add_argument("--versions", help="VMBus versions to offer, newest first (default 5.3 down to 3.0)")
+    guest.add_argument("args", nargs="*", help="arguments for the guest program (after --)")
+    guest.set_defaults(func=_cmd_guest)
+
+    run = sub.add_parser("run", help="start a host and a guest as a pair and run a guest program")
+    run.add_argument("--program", default="echo-demo")
+    run.add_argument("--device", action="append")
+    run.add_argument("--ram", type=int, default=256)
+    run.add_argument("args", nargs="*")
     run.set_defaults(func=_cmd_run)
+
+    inspect = sub.add_parser("inspect", help="a running host's partitions, channels, rings and counters (JSON)")
+    inspect.add_argument("--socket", required=True)
+    inspect.set_defaults(func=_cmd_inspect)
+
+    demo = sub.add_parser("ring-demo", help="two processes moving packets over a bare ring pair")
+    demo.add_argument("--packets", type=int, default=200_000, help="packets in the checked transfer")
+    demo.set_defaults(func=_cmd_ring_demo)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -94,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _logging(args.log_level)
     return int(args.func(args))
 
 

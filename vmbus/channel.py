@@ -174,6 +174,7 @@ class Requestor:
         self._free = list(range(capacity, 0, -1))
         self._room = trio.Condition()
         self.stray_completions = 0
+        self.failed_in_flight = 0  # requests woken by a rescind before their completion came
 
     async def request(self, payload: bytes | Sequence[bytes], **kwargs: Any) -> Packet:
         """Send ``payload`` with completion requested; return the completion."""
@@ -213,7 +214,8 @@ class Requestor:
     def fail_all(self) -> None:
         """Wake every waiter (after a rescind): they raise ChannelRevoked."""
         for ev in self._slots:
-            if ev is not None:
+            if ev is not None and not ev.is_set():
+                self.failed_in_flight += 1
                 ev.set()
 
     async def run(self) -> None:

@@ -10,8 +10,9 @@ mapping and descriptor of that partition is released; other partitions
 never notice.
 
 An admin socket (``<socket>.admin``, AF_UNIX stream, one JSON request per
-line) serves ``pvbus inspect`` and hot-remove: ``{"cmd": "inspect"}`` and
-``{"cmd": "rescind", "partition": N, "relid": R}``.
+line) serves ``pvbus inspect`` and hot-remove: ``{"cmd": "inspect"}``,
+``{"cmd": "rescind", "partition": N, "relid": R}``, and
+``{"cmd": "wait", "partitions": N}`` (answers once N guests are connected).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class HostService:
         self.partitions: dict[int, tuple[Partition, VmbusServer]] = {}
         self.rejected_connects = 0
         self._ids = itertools.count(1)
+        self._changed = trio.Event()  # set whenever a partition comes or goes
+
+    def _partitions_changed(self) -> None:
+        ev, self._changed = self._changed, trio.Event()
+        ev.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -88,6 +94,7 @@ class HostService:
             async with trio.open_nursery() as nursery:
                 server = VmbusServer(partition, self.devices, nursery, self.versions, self.device_config)
                 self.partitions[partition.id] = (partition, server)
+                self._partitions_changed()
                 log.info("partition %d: guest connected (%d MiB RAM)", partition.id, partition.memory.size >> 20)
                 try:
                     await partition.serve()
@@ -100,6 +107,7 @@ class HostService:
                 with trio.CancelScope(shield=True):
                     await server.close()
             partition.close()
+            self._partitions_changed()
             log.info("partition %d: released", partition.id)
 
     async def _connect(self, sock: trio.socket.SocketType) -> Partition | None:
@@ -151,10 +159,20 @@ class HostService:
                 buf += chunk
             try:
                 req = json.loads(buf.split(b"\n", 1)[0])
-                reply = self.admin_command(req)
+                if req.get("cmd") == "wait":
+                    reply = await self.wait_partitions(int(req["partitions"]), float(req.get("timeout", 30)))
+                else:
+                    reply = self.admin_command(req)
             except (ValueError, KeyError, TypeError) as exc:
                 reply = {"ok": False, "error": str(exc)}
             await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+    async def wait_partitions(self, count: int, timeout: float) -> dict[str, Any]:
+        """Return once exactly ``count`` partitions exist (admin ``wait``)."""
+        with trio.move_on_after(timeout):
+            while len(self.partitions) != count:
+                await self._changed.wait()
+        return {"ok": len(self.partitions) == count, "partitions": len(self.partitions)}
 
     def admin_command(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")

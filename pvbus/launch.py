@@ -1,0 +1,130 @@
+"""The process-level commands: ``pvbus host``, ``guest``, ``run``, ``inspect``.
+
+``host`` runs the host service in the foreground and prints one line,
+``ready <socket>``, once it accepts guests (``run`` and the tests wait for
+it); SIGTERM or SIGINT stop it cleanly.  ``guest`` boots a guest kernel
+against a host, runs a guest program and shuts down, exiting with the
+program's status.  ``run`` starts both as a pair and returns the guest
+program's status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+from typing import Any
+
+import trio
+
+from vmbus import protocol as P
+from vmbus.device import load_devices
+
+log = logging.getLogger("pvbus")
+
+
+def parse_versions(text: str | None) -> tuple[int, ...] | None:
+    """``5.3,5.2,4.0`` -> protocol version numbers (major << 16 | minor)."""
+    if not text:
+        return None
+    out = []
+    for item in text.split(","):
+        major, minor = item.strip().split(".")
+        out.append((int(major) << 16) | int(minor))
+    return tuple(out)
+
+
+def _select_devices(names: list[str] | None) -> dict[str, Any]:
+    devices = load_devices()
+    if not names:
+        return devices
+    missing = [n for n in names if n not in devices]
+    if missing:
+        raise SystemExit(f"unknown device(s) {', '.join(missing)}; installed: {', '.join(sorted(devices))}")
+    return {n: devices[n] for n in names}
+
+
+async def _until_signal(cancel: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            cancel.cancel()
+            return
+
+
+async def host_main(socket_path: str, device_names: list[str] | None, versions: str | None) -> int:
+    from vmbus.host import HostService
+    from vmbus.server import HOST_VERSIONS
+
+    devices = _select_devices(device_names)
+    service = HostService(socket_path, devices.values(), versions=parse_versions(versions) or HOST_VERSIONS)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_until_signal, nursery.cancel_scope)
+        await nursery.start(service.run)
+        print(f"ready {socket_path}", flush=True)
+    return 0
+
+
+async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: int, versions: str | None) -> int:
+    from guest_kernel.kernel import GuestKernel
+
+    from .programs import resolve
+
+    func = resolve(program)
+    kernel = GuestKernel(load_devices(), ram_size=ram_mib << 20,
+                         versions=parse_versions(versions) or P.GUEST_VERSIONS)
+    status = 1
+    try:
+        async with trio.open_nursery() as nursery:
+            await kernel.boot(socket_path, nursery)
+            with trio.CancelScope() as program_scope:
+                nursery.start_soon(_until_signal, program_scope)
+                status = await func(kernel, argv)
+            if program_scope.cancelled_caught:
+                status = 0  # asked to stop: shut down cleanly and say so
+            await kernel.shutdown()
+            nursery.cancel_scope.cancel()
+    finally:
+        kernel.close()
+    return status
+
+
+async def run_main(program: str, argv: list[str], device_names: list[str] | None, ram_mib: int) -> int:
+    """Start a host and a guest as a pair; return the guest program's status."""
+    with tempfile.TemporaryDirectory(prefix="pvbus-") as tmp:
+        sock = os.path.join(tmp, "host.sock")
+        host_cmd = [sys.executable, "-m", "pvbus", "host", "--socket", sock]
+        for name in device_names or []:
+            host_cmd += ["--device", name]
+        async with trio.open_nursery() as nursery:
+            host = await trio.lowlevel.open_process(host_cmd, stdout=__import__("subprocess").PIPE)
+            try:
+                assert host.stdout is not None
+                line = b""
+                with trio.fail_after(30):
+                    while not line.endswith(b"\n"):
+                        chunk = await host.stdout.receive_some(1)
+                        if not chunk:
+                            raise SystemExit("the host exited before it was ready")
+                        line += chunk
+                guest_cmd = [sys.executable, "-m", "pvbus", "guest", "--socket", sock, "--ram", str(ram_mib),
+                             "--program", program, "--", *argv]
+                guest = await trio.run_process(guest_cmd, check=False)
+                return guest.returncode
+            finally:
+                host.send_signal(signal.SIGTERM)
+                with trio.move_on_after(10):
+                    await host.wait()
+                if host.returncode is None:
+                    host.kill()
+                    await host.wait()
+                nursery.cancel_scope.cancel()
+
+
+async def inspect_main(socket_path: str) -> int:
+    from vmbus.host import admin_request
+
+    print(json.dumps(await admin_request(socket_path, {"cmd": "inspect"}), indent=2))
+    return 0

@@ -1,0 +1,59 @@
+"""Boot, clean shutdown, version fallback, many guests, the example device
+through ``pvbus run``: all with real host and guest processes."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .harness import PVBUS, host_process, run_guest
+
+
+def test_boot_echo_and_clean_shutdown(tmp_path: Path) -> None:
+    with host_process(tmp_path) as host:
+        rc, out, err = run_guest(host, "echo-demo", "300")
+        assert rc == 0, err
+        (report,) = out
+        assert report["requests"] == 300 and report["version"] == "0x50003"
+        assert report["exits"]["signal_event"] == 300  # each lone request signals once
+        after = host.inspect()
+        assert after["partitions"] == []  # everything of the guest released
+
+
+@pytest.mark.parametrize(
+    ("host_versions", "expect"),
+    [("4.0,3.0", "0x40000"), ("5.2,5.0,4.1", "0x50002"), ("3.0", "0x30000")],
+)
+def test_version_fallback(tmp_path: Path, host_versions: str, expect: str) -> None:
+    """An older host makes the guest fall back, newest first; below 5.0 the
+    host does not know connection id 4 and refuses the post itself."""
+    with host_process(tmp_path, "--versions", host_versions) as host:
+        rc, out, err = run_guest(host, "echo-demo", "20")
+        assert rc == 0, err
+        assert out[0]["version"] == expect
+
+
+def test_no_common_version_fails_cleanly(tmp_path: Path) -> None:
+    with host_process(tmp_path, "--versions", "5.3") as host:
+        rc, out, err = run_guest(host, "echo-demo", "5", versions="5.2,5.1")
+        assert rc != 0 and "none of our VMBus versions" in err
+        assert host.inspect()["partitions"] == []
+
+
+def test_eight_guests_at_once(tmp_path: Path) -> None:
+    from .harness import guest_command
+
+    with host_process(tmp_path) as host:
+        procs = [subprocess.Popen(guest_command(host, "echo-demo", "500"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for _ in range(8)]
+        results = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 8, [r[1][-500:] for r in results]
+        assert host.inspect()["partitions"] == []
+
+
+def test_pvbus_run_pairs_host_and_guest() -> None:
+    res = subprocess.run([*PVBUS, "run", "--ram", "32", "--", "200"], capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    assert b'"requests": 200' in res.stdout

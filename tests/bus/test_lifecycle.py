@@ -1,0 +1,119 @@
+"""Rescind under load, a guest killed mid-traffic, and what an idle guest costs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from guest_kernel.kernel import GuestKernel
+from vmbus.device import load_devices
+from vmbus.errors import ChannelRevoked
+from vmbus.host import admin_request
+
+from .harness import guest_command, host_process
+
+
+def test_rescind_open_device_with_requests_in_flight(tmp_path: Path) -> None:
+    with host_process(tmp_path) as host:
+
+        async def scenario() -> None:
+            kernel = GuestKernel(load_devices(), ram_size=16 << 20)
+            outcomes: list[str] = []
+            try:
+                async with trio.open_nursery() as nursery:
+                    await kernel.boot(host.socket, nursery)
+                    echo = kernel.device("echo")
+                    started = trio.Event()
+
+                    async def hammer(k: int) -> None:
+                        try:
+                            i = 0
+                            while True:
+                                assert await echo.echo(b"%d-%d" % (k, i)) == b"%d-%d" % (k, i)
+                                i += 1
+                                if i == 20:
+                                    started.set()
+                        except ChannelRevoked:
+                            outcomes.append("revoked")
+
+                    async with trio.open_nursery() as workers:
+                        for k in range(16):
+                            workers.start_soon(hammer, k)
+                        await started.wait()
+                        snap = await admin_request(host.socket, {"cmd": "inspect"})
+                        pid = snap["partitions"][0]["id"]
+                        with trio.fail_after(10):  # a rescind must never hang its users
+                            assert (await admin_request(host.socket, {"cmd": "rescind", "partition": pid,
+                                                                      "relid": 1}))["ok"]
+                    assert outcomes == ["revoked"] * 16
+                    assert echo.requests.failed_in_flight > 0
+                    with pytest.raises(ChannelRevoked):
+                        kernel.device("echo")
+                    # the guest released the relid: the host forgot the channel
+                    with trio.fail_after(10):
+                        while (await admin_request(host.socket, {"cmd": "inspect"}))["partitions"][0]["channels"]:
+                            await trio.sleep(0.01)
+                    await kernel.shutdown()
+                    nursery.cancel_scope.cancel()
+            finally:
+                kernel.close()
+
+        trio.run(scenario)
+
+
+def _progress(proc: subprocess.Popen[bytes]) -> int:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, "guest stopped reporting"
+    return int(json.loads(line)["echoes"])
+
+
+def test_guest_killed_mid_traffic_releases_everything(tmp_path: Path) -> None:
+    with host_process(tmp_path) as host:
+        survivors = [subprocess.Popen(guest_command(host, "echo-load", "4"), stdout=subprocess.PIPE)
+                     for _ in range(2)]
+        try:
+            for p in survivors:
+                assert _progress(p) >= 0
+            assert host.admin({"cmd": "wait", "partitions": 2})["ok"]
+            before = host.inspect()["open_fds"]
+            victim = subprocess.Popen(guest_command(host, "echo-load", "4"), stdout=subprocess.PIPE)
+            first = _progress(victim)
+            assert _progress(victim) > first  # traffic is flowing
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=10)
+            assert host.admin({"cmd": "wait", "partitions": 2})["ok"]
+            assert host.inspect()["open_fds"] == before
+            for p in survivors:  # the others never noticed
+                a = _progress(p)
+                assert _progress(p) > a
+        finally:
+            for p in survivors:
+                p.send_signal(signal.SIGTERM)
+            codes = [p.wait(timeout=30) for p in survivors]
+        assert codes == [0, 0]
+        assert host.admin({"cmd": "wait", "partitions": 0})["ok"]
+
+
+def test_idle_guest_host_memory(tmp_path: Path) -> None:
+    """Eight idle guests cost the host at most 5 MiB of resident memory each,
+    beyond the guest RAM pages it touched (rings, SynIC pages)."""
+    with host_process(tmp_path) as host:
+        base = host.inspect()["resident_bytes"]
+        guests = [subprocess.Popen(guest_command(host, "idle", ram=256), stdout=subprocess.PIPE) for _ in range(8)]
+        try:
+            for g in guests:
+                assert g.stdout is not None and json.loads(g.stdout.readline())["booted"]
+            assert host.admin({"cmd": "wait", "partitions": 8})["ok"]
+            per_guest = (host.inspect()["resident_bytes"] - base) / 8
+            print(f"host resident memory per idle guest: {per_guest / 1024:.0f} KiB")
+            assert per_guest <= 5 << 20
+        finally:
+            for g in guests:
+                g.send_signal(signal.SIGTERM)
+            assert [g.wait(timeout=30) for g in guests] == [0] * 8
