@@ -43,6 +43,7 @@ class HostProcess:
 
 @contextmanager
 def host_process(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[HostProcess]:
+    """A ``pvbus host`` subprocess, stopped with SIGTERM (and required to exit 0)."""
     sock = str(tmp_path / "host.sock")
     proc = subprocess.Popen([*PVBUS, "host", "--socket", sock, *args], stdout=subprocess.PIPE, env=env)
     try:
@@ -123,3 +124,51 @@ class RawGuest:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+SINK_MODULE = '''
+"""A device whose host half takes requests and never answers them."""
+import uuid
+from ring import PacketType
+from vmbus.channel import Requestor
+from vmbus.device import DeviceSpec, GuestDriver, HostDevice
+
+class SinkHost(HostDevice):
+    async def serve(self, channel, memory):
+        while True:
+            self.held = await channel.receive()
+
+class SinkDriver(GuestDriver):
+    def __init__(self, channel):
+        super().__init__(channel)
+        self.requests = Requestor(channel)
+    async def start(self, nursery):
+        nursery.start_soon(self.requests.run)
+    async def stop(self):
+        self.requests.fail_all()
+
+SPEC = DeviceSpec("sink", uuid.UUID("0d6c2f0e-8a53-4c4b-9b1e-6f8b1d3e5a21"), SinkHost, SinkDriver, ring_pages=2)
+'''
+
+
+def install_plugin(tmp_path: Path, name: str, source: str) -> Path:
+    """A distribution on disk exactly as an installer leaves it: the module
+    plus a dist-info whose entry_points.txt registers a ``pvbus.devices``
+    entry.  Put the returned folder on PYTHONPATH (or sys.path)."""
+    import importlib
+
+    site = tmp_path / "plugins"
+    site.mkdir(exist_ok=True)
+    (site / f"pvbus_{name}.py").write_text(source)
+    info = site / f"pvbus_{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: pvbus-{name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[pvbus.devices]\n{name} = pvbus_{name}:SPEC\n")
+    if str(site) not in sys.path:
+        sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    return site
+
+
+def env_with(path: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")])}

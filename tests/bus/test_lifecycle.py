@@ -15,11 +15,15 @@ from vmbus.device import load_devices
 from vmbus.errors import ChannelRevoked
 from vmbus.host import admin_request
 
-from .harness import guest_command, host_process
+from .harness import SINK_MODULE, env_with, guest_command, host_process, install_plugin
 
 
 def test_rescind_open_device_with_requests_in_flight(tmp_path: Path) -> None:
-    with host_process(tmp_path) as host:
+    """Two devices under load: echo (answers) and sink (holds every request,
+    so some are surely in flight).  Rescinding both wakes every waiter with
+    ChannelRevoked, never a hang; the guest releases the relids and goes on."""
+    site = install_plugin(tmp_path, "sink", SINK_MODULE)
+    with host_process(tmp_path, env=env_with(site)) as host:
 
         async def scenario() -> None:
             kernel = GuestKernel(load_devices(), ram_size=16 << 20)
@@ -27,7 +31,7 @@ def test_rescind_open_device_with_requests_in_flight(tmp_path: Path) -> None:
             try:
                 async with trio.open_nursery() as nursery:
                     await kernel.boot(host.socket, nursery)
-                    echo = kernel.device("echo")
+                    echo, sink = kernel.device("echo"), kernel.device("sink")
                     started = trio.Event()
 
                     async def hammer(k: int) -> None:
@@ -39,22 +43,33 @@ def test_rescind_open_device_with_requests_in_flight(tmp_path: Path) -> None:
                                 if i == 20:
                                     started.set()
                         except ChannelRevoked:
-                            outcomes.append("revoked")
+                            outcomes.append("echo revoked")
+
+                    async def held(k: int) -> None:
+                        try:
+                            await sink.requests.request(b"never answered %d" % k)
+                        except ChannelRevoked:
+                            outcomes.append("sink revoked")
 
                     async with trio.open_nursery() as workers:
-                        for k in range(16):
+                        for k in range(8):
                             workers.start_soon(hammer, k)
+                            workers.start_soon(held, k)
                         await started.wait()
+                        assert sink.channel.stats.packets_sent == 8  # all held requests are out
                         snap = await admin_request(host.socket, {"cmd": "inspect"})
                         pid = snap["partitions"][0]["id"]
+                        relids = {c["device"]: c["relid"] for c in snap["partitions"][0]["channels"]}
                         with trio.fail_after(10):  # a rescind must never hang its users
-                            assert (await admin_request(host.socket, {"cmd": "rescind", "partition": pid,
-                                                                      "relid": 1}))["ok"]
-                    assert outcomes == ["revoked"] * 16
-                    assert echo.requests.failed_in_flight > 0
-                    with pytest.raises(ChannelRevoked):
-                        kernel.device("echo")
-                    # the guest released the relid: the host forgot the channel
+                            for name in ("echo", "sink"):
+                                req = {"cmd": "rescind", "partition": pid, "relid": relids[name]}
+                                assert (await admin_request(host.socket, req))["ok"]
+                    assert sorted(outcomes) == ["echo revoked"] * 8 + ["sink revoked"] * 8
+                    assert sink.requests.failed_in_flight == 8
+                    for name in ("echo", "sink"):
+                        with pytest.raises(ChannelRevoked):
+                            kernel.device(name)
+                    # the guest released the relids: the host forgot the channels
                     with trio.fail_after(10):
                         while (await admin_request(host.socket, {"cmd": "inspect"}))["partitions"][0]["channels"]:
                             await trio.sleep(0.01)
