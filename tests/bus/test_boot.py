@@ -57,3 +57,28 @@ def test_pvbus_run_pairs_host_and_guest() -> None:
     res = subprocess.run([*PVBUS, "run", "--ram", "32", "--", "200"], capture_output=True, timeout=120)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     assert b'"requests": 200' in res.stdout
+
+
+def test_pvbus_inspect_shows_partitions_channels_and_rings(tmp_path: Path) -> None:
+    import json
+    import signal
+
+    from .harness import guest_command
+
+    with host_process(tmp_path) as host:
+        guest = subprocess.Popen(guest_command(host, "idle"), stdout=subprocess.PIPE)
+        try:
+            assert guest.stdout is not None and json.loads(guest.stdout.readline())["booted"]
+            res = subprocess.run([*PVBUS, "inspect", "--socket", host.socket], capture_output=True, timeout=30)
+            snap = json.loads(res.stdout)
+            (part,) = snap["partitions"]
+            assert part["version"] == "0x50003"
+            # INITIATE_CONTACT, REQUESTOFFERS, GPADL_HEADER (4-page rings: no body), OPENCHANNEL
+            assert part["exits"]["post_message"] == 4 and part["exits"]["wrmsr"] == 2
+            (chan,) = part["channels"]
+            assert chan["device"] == "echo" and chan["state"] == "open"
+            assert chan["ring"]["incoming"]["data_size"] == 4 * 4096
+            assert chan["ring"]["incoming"]["feature_bits"] == 1
+        finally:
+            guest.send_signal(signal.SIGTERM)
+            assert guest.wait(timeout=30) == 0

@@ -83,6 +83,8 @@ def test_hostile_messages_get_error_statuses(tmp_path: Path) -> None:
             assert (await g.expect(P.OpenChannelResult)).status == P.STATUS_SUCCESS
             assert await g.post(P.OpenChannel(relid, 1, 10, 0, 2)) == S.INVALID_PARAMETER
             assert (await g.expect(P.OpenChannelResult)).status == P.STATUS_UNSUCCESSFUL
+            # teardown of a GPADL that does not exist
+            assert await g.post(P.GpadlTeardown(relid, 0x4242)) == S.INVALID_PARAMETER
             # the ring GPADL of an open channel cannot be torn down
             assert await g.post(P.GpadlTeardown(relid, 10)) == S.INVALID_PARAMETER
             # event port for a connection id that is not an open channel
