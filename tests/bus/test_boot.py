@@ -74,7 +74,7 @@ def test_pvbus_inspect_shows_partitions_channels_and_rings(tmp_path: Path) -> No
             (part,) = snap["partitions"]
             assert part["version"] == "0x50003"
             # INITIATE_CONTACT, REQUESTOFFERS, GPADL_HEADER (4-page rings: no body), OPENCHANNEL
-            assert part["exits"]["post_message"] == 4 and part["exits"]["wrmsr"] == 2
+            assert part["exits"]["post_message"] == 4 and part["exits"]["wrmsr"] >= 2  # SIMP, SIEFP, then EOMs
             (chan,) = part["channels"]
             assert chan["device"] == "echo" and chan["state"] == "open"
             assert chan["ring"]["incoming"]["data_size"] == 4 * 4096
