@@ -65,6 +65,8 @@ class GuestDevice:
     event_fd: int = -1
     wakeup: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope | None = None
+    primary: GuestDevice | None = None  # set on sub-channels
+    subchannels: list[GuestDevice] = field(default_factory=list)
 
     @property
     def relid(self) -> int:
@@ -122,8 +124,18 @@ class GuestKernel:
         if isinstance(msg, P.VersionResponse):
             key = ("version",)
         elif isinstance(msg, P.OfferChannel):
-            if msg.child_relid not in self.devices:
-                self.devices[msg.child_relid] = GuestDevice(msg, self.specs.get(msg.interface))
+            if msg.child_relid in self.devices:
+                self.unexpected_messages += 1
+                return
+            dev = GuestDevice(msg, self.specs.get(msg.interface))
+            self.devices[msg.child_relid] = dev
+            if msg.sub_channel_index:
+                primary = next((d for d in self.devices.values() if d.offer.if_instance == msg.if_instance
+                                and not d.offer.sub_channel_index), None)
+                if primary is not None and primary.state is DeviceState.OPEN and self._nursery is not None:
+                    dev.primary = primary
+                    primary.subchannels.append(dev)
+                    self._nursery.start_soon(self._open_subchannel, dev)
             return
         elif isinstance(msg, P.AllOffersDelivered):
             self._all_offers.set()
@@ -250,11 +262,30 @@ class GuestKernel:
             await dev.wakeup.wait()
 
         dev.channel = Channel(dev.relid, outgoing, incoming, lambda: hypercalls.signal_event(dev.event_fd), wait)
-        dev.driver = dev.spec.guest(dev.channel)
+        dev.channel.sub_index = dev.offer.sub_channel_index
         dev.state = DeviceState.OPEN
         dev.scope = trio.CancelScope()
-        await self._nursery.start(self._run_driver, dev)
+        if dev.primary is not None:
+            dev.driver = dev.primary.driver
+            await self._nursery.start(self._run_subchannel, dev)
+        else:
+            dev.driver = dev.spec.guest(dev.channel)
+            dev.driver.ram = self.ram
+            await self._nursery.start(self._run_driver, dev)
         log.info("device %s open on channel %d", dev.name, dev.relid)
+
+    async def _run_subchannel(self, dev: GuestDevice, task_status: trio.TaskStatus[None]) -> None:
+        assert dev.driver is not None and dev.scope is not None and dev.channel is not None
+        with dev.scope:
+            async with trio.open_nursery() as nursery:
+                await dev.driver.add_subchannel(dev.channel, nursery)
+                task_status.started()
+
+    async def _open_subchannel(self, dev: GuestDevice) -> None:
+        try:
+            await self.open_device(dev)
+        except (BootError, HypercallFailed) as exc:
+            log.warning("sub-channel %d of %s did not open: %s", dev.relid, dev.name, exc)
 
     async def _run_driver(self, dev: GuestDevice, task_status: trio.TaskStatus[None]) -> None:
         assert dev.driver is not None and dev.scope is not None
@@ -275,6 +306,8 @@ class GuestKernel:
         raise LookupError(f"no open device {name!r}")
 
     async def close_device(self, dev: GuestDevice) -> None:
+        for sub in dev.subchannels:  # sub-channels close before their primary (as Linux)
+            await self.close_device(sub)
         if dev.state is not DeviceState.OPEN:
             return
         dev.state = DeviceState.CLOSED
@@ -289,7 +322,7 @@ class GuestKernel:
         if dev.channel is not None:
             dev.channel.close()
         dev.wake()
-        if dev.driver is not None:
+        if dev.driver is not None and dev.primary is None:
             with trio.CancelScope(shield=True):
                 await dev.driver.stop()
         if dev.scope is not None:
@@ -317,7 +350,8 @@ class GuestKernel:
 
     async def shutdown(self) -> None:
         for dev in list(self.devices.values()):
-            await self.close_device(dev)
+            if dev.primary is None:
+                await self.close_device(dev)
         if self.version is not None:
             slot = self._expect("unload")
             await self._post_ok(P.Unload())

@@ -38,9 +38,10 @@ def _logging(level: str) -> None:
 def _cmd_host(args: argparse.Namespace) -> int:
     import trio
 
-    from .launch import host_main
+    from .launch import disk_config, host_main
 
-    return trio.run(host_main, args.socket, args.device, args.versions)
+    return trio.run(host_main, args.socket, args.device, args.versions,
+                    disk_config(args.disk, args.disk_size, args.read_only))
 
 
 def _cmd_guest(args: argparse.Namespace) -> int:
@@ -119,6 +120,12 @@ def _cmd_bench_ring(args: argparse.Namespace) -> int:
     return ringbench.main(args.json, args.quick)
 
 
+def _disk_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--disk", help="disk image or block device for the storage device")
+    parser.add_argument("--disk-size", help="create the image sparse at this size if missing (e.g. 1G)")
+    parser.add_argument("--read-only", action="store_true", help="offer the disk read-only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pvbus", description="Paravirtual I/O over VMBus-format rings.")
     parser.add_argument("--version", action="version", version=f"pvbus {__version__}")
@@ -129,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     host.add_argument("--socket", required=True, help="AF_UNIX path guests connect to")
     host.add_argument("--device", action="append", help="offer this device (repeatable; default: all installed)")
     host.add_argument("--versions", help="VMBus versions to accept, e.g. 4.0,3.0 (default: 3.0 to 5.3)")
+    _disk_arguments(host)
     host.set_defaults(func=_cmd_host)
 
     guest = sub.add_parser("guest", help="boot a guest kernel against a host and run a guest program")

@@ -12,6 +12,7 @@ from typing import Any
 
 from vmbus.device import DeviceSpec
 from vmbus.protocols import echo as echo_protocol
+from vmbus.protocols import storvsc as storvsc_protocol
 
 
 def _echo_host(config: dict[str, Any]) -> Any:
@@ -33,4 +34,27 @@ ECHO = DeviceSpec(
     guest=_echo_guest,
     ring_pages=4,
     description="echoes each request's bytes back in its completion",
+)
+
+
+def _storage_host(config: dict[str, Any]) -> Any:
+    from host_drivers.storage.device import StorvspHost
+
+    return StorvspHost(config)
+
+
+def _storage_guest(channel: Any) -> Any:
+    from guest_kernel.drivers.storvsc import StorvscDriver
+
+    return StorvscDriver(channel)
+
+
+STORAGE = DeviceSpec(
+    name="storage",
+    interface_id=storvsc_protocol.INTERFACE_ID,
+    host=_storage_host,
+    guest=_storage_guest,
+    ring_pages=64,
+    description="SCSI disk backed by a disk image or block device (storvsc/storvsp)",
+    needs_config=True,
 )

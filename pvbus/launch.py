@@ -37,10 +37,11 @@ def parse_versions(text: str | None) -> tuple[int, ...] | None:
     return tuple(out)
 
 
-def _select_devices(names: list[str] | None) -> dict[str, Any]:
+def _select_devices(names: list[str] | None, config: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The named devices, or every installed one whose configuration we have."""
     devices = load_devices()
     if not names:
-        return devices
+        return {n: d for n, d in devices.items() if not d.needs_config or n in (config or {})}
     missing = [n for n in names if n not in devices]
     if missing:
         raise SystemExit(f"unknown device(s) {', '.join(missing)}; installed: {', '.join(sorted(devices))}")
@@ -54,12 +55,34 @@ async def _until_signal(cancel: trio.CancelScope) -> None:
             return
 
 
-async def host_main(socket_path: str, device_names: list[str] | None, versions: str | None) -> int:
+def disk_config(path: str | None, size: str | None, read_only: bool) -> dict[str, dict[str, Any]]:
+    if not path:
+        return {}
+    cfg: dict[str, Any] = {"path": path, "read_only": read_only}
+    if size:
+        cfg["size"] = parse_size(size)
+    return {"storage": cfg}
+
+
+def parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    text = text.strip().lower().rstrip("ib").rstrip("b") if text[-1:].isalpha() else text
+    if text[-1:] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+async def host_main(socket_path: str, device_names: list[str] | None, versions: str | None,
+                    config: dict[str, dict[str, Any]] | None = None) -> int:
     from vmbus.host import HostService
     from vmbus.server import HOST_VERSIONS
 
-    devices = _select_devices(device_names)
-    service = HostService(socket_path, devices.values(), versions=parse_versions(versions) or HOST_VERSIONS)
+    devices = _select_devices(device_names, config)
+    for name, spec in devices.items():
+        if spec.needs_config and name not in (config or {}):
+            raise SystemExit(f"device {name} needs its configuration (for storage: --disk PATH)")
+    service = HostService(socket_path, devices.values(), versions=parse_versions(versions) or HOST_VERSIONS,
+                          device_config=config)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_until_signal, nursery.cancel_scope)
         await nursery.start(service.run)
@@ -91,11 +114,12 @@ async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: i
     return status
 
 
-async def run_main(program: str, argv: list[str], device_names: list[str] | None, ram_mib: int) -> int:
+async def run_main(program: str, argv: list[str], device_names: list[str] | None, ram_mib: int,
+                   host_args: list[str] | None = None) -> int:
     """Start a host and a guest as a pair; return the guest program's status."""
     with tempfile.TemporaryDirectory(prefix="pvbus-") as tmp:
         sock = os.path.join(tmp, "host.sock")
-        host_cmd = [sys.executable, "-m", "pvbus", "host", "--socket", sock]
+        host_cmd = [sys.executable, "-m", "pvbus", "host", "--socket", sock, *(host_args or [])]
         for name in device_names or []:
             host_cmd += ["--device", name]
         async with trio.open_nursery() as nursery:

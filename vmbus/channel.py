@@ -61,6 +61,9 @@ class Channel:
         self.closed = False
         self.revoked = False
         self.stats = ChannelStatistics()
+        self.sub_index = 0
+        # Host side, primary channels only: ask the bus to offer sub-channels.
+        self.request_subchannels: Callable[[int], int] | None = None
 
     def _check(self) -> None:
         if self.revoked:
@@ -178,24 +181,39 @@ class Requestor:
 
     async def request(self, payload: bytes | Sequence[bytes], **kwargs: Any) -> Packet:
         """Send ``payload`` with completion requested; return the completion."""
-        async with self._room:
-            while not self._free:
-                await self._room.wait()
-            tid = self._free.pop()
-        done = trio.Event()
-        self._slots[tid - 1] = done
+        return (await self.request_many([(payload, kwargs.get("packet_type", PacketType.DATA_INBAND),
+                                           kwargs.get("header", b""))]))[0]
+
+    async def request_many(self, items: Sequence[tuple[Any, int, bytes]]) -> list[Packet]:
+        """Send many requests (payload, packet type, type-specific header) with
+        one ring commit where they fit; return their completions in order."""
+        tids: list[int] = []
         try:
-            await self.channel.send(payload, trans_id=tid, completion_requested=True, **kwargs)
-            await done.wait()
-            if self.channel.revoked and tid not in self._results:
-                raise ChannelRevoked(f"channel {self.channel.relid} was rescinded")
-            return self._results.pop(tid)
+            for _ in items:
+                async with self._room:
+                    while not self._free:
+                        await self._room.wait()
+                    tid = self._free.pop()
+                tids.append(tid)
+                self._slots[tid - 1] = trio.Event()
+            events = [self._slots[t - 1] for t in tids]
+            await self.channel.send_many(
+                [(payload, tid, True, ptype, header) for (payload, ptype, header), tid in zip(items, tids)]
+            )
+            for tid, ev in zip(tids, events):
+                assert ev is not None
+                await ev.wait()
+                if tid not in self._results:
+                    raise ChannelRevoked(f"channel {self.channel.relid} was rescinded")
+            return [self._results[t] for t in tids]
         finally:
-            self._slots[tid - 1] = None
-            self._results.pop(tid, None)
-            self._free.append(tid)
-            async with self._room:
-                self._room.notify()
+            for tid in tids:
+                self._slots[tid - 1] = None
+                self._results.pop(tid, None)
+                self._free.append(tid)
+            if tids:
+                async with self._room:
+                    self._room.notify_all()
 
     def deliver(self, pkt: Packet) -> bool:
         """Hand a completion to its waiter; False (and counted) if no such request."""

@@ -51,13 +51,22 @@ class HostDevice:
 
 
 class GuestDriver:
-    """Guest half of a device.  One instance per bound offer."""
+    """Guest half of a device.  One instance per bound offer.
+
+    ``ram`` is set by the kernel before ``start``: the guest's RAM and page
+    allocator, for drivers that hand the host buffers by page list.
+    """
+
+    ram: Any = None
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
 
     async def start(self, nursery: Any) -> None:
         """The channel is open; start background tasks in ``nursery``."""
+
+    async def add_subchannel(self, channel: Channel, nursery: Any) -> None:
+        """A sub-channel the host offered (after the driver asked for it) is open."""
 
     async def stop(self) -> None:
         """The device is going away (shutdown or rescind)."""
@@ -71,6 +80,7 @@ class DeviceSpec:
     guest: Callable[[Channel], GuestDriver]
     ring_pages: int = 16  # per direction, 4 KiB each
     description: str = ""
+    needs_config: bool = False  # offered only when the host is given its configuration
     options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -46,6 +46,7 @@ HOST_VERSIONS = (
 )
 NEGOTIATED_CONN_ID_V5 = 4  # what we hand out as msg_conn_id at >= 5.0
 MAX_GPADLS = 1024
+MAX_SUBCHANNELS = 16
 
 
 class ChannelState(enum.Enum):
@@ -80,6 +81,8 @@ class HostChannel:
     doorbell: Doorbell | None = None
     scope: trio.CancelScope | None = None
     guest_signals: int = 0
+    sub_index: int = 0  # 0: primary; >= 1: a sub-channel of the primary with the same instance
+    primary: int = 0  # relid of the primary (itself for a primary)
 
     @property
     def connection_id(self) -> int:
@@ -117,8 +120,9 @@ class VmbusServer:
         for relid, spec in enumerate(devices, start=1):
             self.channels[relid] = HostChannel(
                 relid, spec, uuid.uuid5(spec.interface_id, f"partition-{partition.id}-{relid}"),
-                spec.host(config.get(spec.name, {})),
+                spec.host(config.get(spec.name, {})), primary=relid,
             )
+        self._next_relid = len(self.channels) + 1
         partition.on_message = self.handle
         partition.event_port = self._event_port
         partition.on_signal = self._slow_signal
@@ -186,8 +190,26 @@ class VmbusServer:
     def _offer(self, ch: HostChannel) -> P.OfferChannel:
         return P.OfferChannel(
             if_type=P.guid_to_wire(ch.spec.interface_id), if_instance=P.guid_to_wire(ch.instance),
-            child_relid=ch.relid, connection_id=ch.connection_id,
+            sub_channel_index=ch.sub_index, child_relid=ch.relid, connection_id=ch.connection_id,
         )
+
+    def offer_subchannels(self, primary: int, count: int) -> int:
+        """Offer up to ``count`` more channels of an open primary (same GUIDs,
+        sub_channel_index >= 1); returns how many were offered.  Devices call
+        this through ``Channel.request_subchannels``."""
+        ch = self.channels.get(primary)
+        if ch is None or ch.state is not ChannelState.OPEN or ch.sub_index:
+            return 0
+        existing = sum(1 for c in self.channels.values() if c.primary == primary and c.sub_index)
+        offered = 0
+        for index in range(existing + 1, min(existing + count, MAX_SUBCHANNELS) + 1):
+            relid = self._next_relid
+            self._next_relid += 1
+            sub = HostChannel(relid, ch.spec, ch.instance, ch.device, sub_index=index, primary=primary)
+            self.channels[relid] = sub
+            self._send(self._offer(sub))
+            offered += 1
+        return offered
 
     # -- GPADLs --------------------------------------------------------------
 
@@ -304,6 +326,9 @@ class VmbusServer:
             ch.guest_signals += await ch.doorbell.wait()
 
         ch.channel = Channel(relid, outgoing, incoming, lambda: part.interrupt(relid), wait)
+        ch.channel.sub_index = ch.sub_index
+        if not ch.sub_index:
+            ch.channel.request_subchannels = lambda count: self.offer_subchannels(relid, count)
         ch.ring_gpadl = g.gpadl_id
         ch.state = ChannelState.OPEN
         ch.scope = trio.CancelScope()
@@ -354,10 +379,13 @@ class VmbusServer:
     # -- rescind and unload ----------------------------------------------------
 
     def rescind(self, relid: int) -> None:
-        """Hot-remove a device: stop its worker, tell the guest."""
+        """Hot-remove a device: sub-channels first, then the channel itself."""
         ch = self._channel(relid)
         if ch.state is ChannelState.RESCINDED:
             return
+        if not ch.sub_index:
+            for sub in [c for c in self.channels.values() if c.primary == relid and c.sub_index]:
+                self.rescind(sub.relid)
         self._stop_channel(ch)
         ch.state = ChannelState.RESCINDED
         self._send(P.RescindChannelOffer(relid))
@@ -383,13 +411,14 @@ class VmbusServer:
     async def close(self) -> None:
         for ch in self.channels.values():
             self._stop_channel(ch)
-            await ch.device.close()
+            if not ch.sub_index:
+                await ch.device.close()
 
     def snapshot(self) -> dict[str, Any]:
         chans = []
         for ch in self.channels.values():
             entry: dict[str, Any] = {
-                "relid": ch.relid, "device": ch.spec.name, "state": ch.state.value,
+                "relid": ch.relid, "device": ch.spec.name, "state": ch.state.value, "sub_channel": ch.sub_index,
                 "interface": str(ch.spec.interface_id), "guest_signals": ch.guest_signals,
             }
             if ch.channel is not None:

@@ -1,0 +1,1 @@
+"""The paravirtual SCSI disk's host half (a storvsp): backend, SCSI, device."""
