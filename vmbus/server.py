@@ -341,11 +341,14 @@ class VmbusServer:
             try:
                 await ch.device.serve(channel, self.partition.memory)
             except RingError as exc:
-                self.partition.reject("ring", f"channel {ch.relid}: {exc}; closing it")
+                # The guest corrupted its own ring: this channel is finished.
+                # Rescind it so the guest's users fail fast instead of waiting.
+                self.partition.reject("ring", f"channel {ch.relid}: {exc}; rescinding it")
+                self.rescind(ch.relid)
             except trio.ClosedResourceError:
                 pass
         if ch.channel is channel and ch.state is ChannelState.OPEN:
-            self._stop_channel(ch)  # the device gave up (e.g. corrupt ring): quiesce it
+            self._stop_channel(ch)  # the device returned on its own: quiesce the channel
 
     def _stop_channel(self, ch: HostChannel) -> None:
         if ch.scope is not None:

@@ -28,6 +28,7 @@ from ring import GpaRange, PacketType
 from ring._api import encode_gpa_direct_header
 from vmbus.channel import Channel, Requestor
 from vmbus.device import GuestDriver
+from vmbus.errors import ChannelRevoked
 from vmbus.protocols import storvsc as S
 
 PAGE = 4096
@@ -163,7 +164,10 @@ class StorvscDriver(GuestDriver):
         return await self._submit_cdbs([self._cdb(r) for r in requests])
 
     async def _submit_cdbs(self, cdbs: Sequence[tuple[bytes, bool, int, bytes]]) -> list[BlockResult]:
-        nq = len(self.queues)
+        live = [q for q in self.queues if not q.channel.revoked and not q.channel.closed]
+        if not live:
+            raise ChannelRevoked("every queue of the disk is gone")
+        nq = len(live)
         per_queue: list[list[int]] = [[] for _ in range(nq)]
         for i in range(len(cdbs)):
             per_queue[next(self._next_queue) % nq].append(i)
@@ -188,7 +192,7 @@ class StorvscDriver(GuestDriver):
                         pages.append((0, 0))
                     srb = S.scsi_request(cdb, data_in, length)
                     items.append((S.packet(S.Operation.EXECUTE_SRB, 0, srb), ptype, header))
-                completions = await self.queues[q].request_many(items)
+                completions = await live[q].request_many(items)
                 for i, pkt, (pfn, npages) in zip(idx, completions, pages):
                     results[i] = self._result(bytes(pkt.payload), cdbs[i], pfn, npages)
             finally:
