@@ -36,8 +36,9 @@ class GuestRam:
     def fd(self) -> int:
         return self.shm.fd
 
-    def alloc(self, npages: int) -> int:
-        """``npages`` consecutive zeroed pages; returns the first PFN."""
+    def alloc(self, npages: int, *, zero: bool = True) -> int:
+        """``npages`` consecutive pages (zeroed unless ``zero=False``, for I/O
+        buffers the device or the caller fills anyway); returns the first PFN."""
         if npages <= 0:
             raise ValueError("allocate at least one page")
         run = bytes(npages)
@@ -46,7 +47,8 @@ class GuestRam:
             if at != -1:
                 self._used[at : at + npages] = b"\x01" * npages
                 self._hint = at + npages
-                self.view[at << PAGE_SHIFT : (at + npages) << PAGE_SHIFT] = bytes(npages << PAGE_SHIFT)
+                if zero:
+                    self.view[at << PAGE_SHIFT : (at + npages) << PAGE_SHIFT] = bytes(npages << PAGE_SHIFT)
                 return at
         raise OutOfGuestMemory(f"no run of {npages} free pages")
 

@@ -4,11 +4,14 @@ Subcommands:
 
 - ``pvbus host`` / ``pvbus guest``: the two halves, one process each
   (``pvbus.launch``).
-- ``pvbus run``: the main job on its embedded default: a host and a guest
-  started as a pair, the guest running a program (default ``echo-demo``).
+- ``pvbus run``: the main job on its embedded default: a host with a
+  generated disk image and a guest running a short block workload, beside
+  the same workload done natively; ``--program`` runs any guest program
+  (``echo-demo``, ``module:function``) against a host instead.
 - ``pvbus inspect``: a running host's partitions, channels and counters.
 - ``pvbus ring-demo``: two processes moving a checked packet stream over a
   bare ring pair.
+- ``pvbus bench block [--json FILE] [--quick]``: native vs paravirtual disk.
 - ``pvbus bench ring [--json FILE] [--quick]``: the ring against
   ``os.pipe``, ``multiprocessing.Pipe`` and ``faster_fifo.Queue``.
 
@@ -55,9 +58,20 @@ def _cmd_guest(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from .launch import run_main
+    from .launch import run_main, storage_demo
 
-    return trio.run(run_main, args.program, args.args, args.device, args.ram)
+    if args.program is None:
+        return storage_demo(args.disk, args.disk_size)
+    host_args = ["--disk", args.disk] if args.disk else []
+    if args.disk_size:
+        host_args += ["--disk-size", args.disk_size]
+    return trio.run(run_main, args.program, args.args, args.device, args.ram, host_args)
+
+
+def _cmd_bench_block(args: argparse.Namespace) -> int:
+    from .bench import blockbench
+
+    return blockbench.main(args.json, args.quick)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -147,10 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     guest.add_argument("args", nargs="*", help="arguments for the guest program (after --)")
     guest.set_defaults(func=_cmd_guest)
 
-    run = sub.add_parser("run", help="start a host and a guest as a pair and run a guest program")
-    run.add_argument("--program", default="echo-demo")
+    run = sub.add_parser("run", help="a host and a guest as a pair; default: the storage demo on a generated image")
+    run.add_argument("--program", help="a guest program instead of the storage demo (echo-demo, module:function)")
     run.add_argument("--device", action="append")
     run.add_argument("--ram", type=int, default=256)
+    run.add_argument("--disk", help="disk image for the storage device (default: a generated one)")
+    run.add_argument("--disk-size", help="image size (default 128M for the demo)")
     run.add_argument("args", nargs="*")
     run.set_defaults(func=_cmd_run)
 
@@ -168,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     ring.add_argument("--json", metavar="FILE", help="write the records as JSON")
     ring.add_argument("--quick", action="store_true", help="short runs (a smoke test, noisier)")
     ring.set_defaults(func=_cmd_bench_ring)
+    block = bench_sub.add_parser("block", help="block workloads natively and through the paravirtual disk")
+    block.add_argument("--json", metavar="FILE", help="write the records as JSON")
+    block.add_argument("--quick", action="store_true", help="short runs (a smoke test, noisier)")
+    block.set_defaults(func=_cmd_bench_block)
     return parser
 
 

@@ -74,6 +74,13 @@ class GuestMemory:
         needed = (byte_offset + byte_count + PAGE_SIZE - 1) >> PAGE_SHIFT
         if needed > len(pfns):
             raise GuestMemoryError(f"range needs {needed} pages, {len(pfns)} given")
+        if needed and pfns[needed - 1] - pfns[0] == needed - 1 and tuple(pfns[:needed]) == tuple(
+            range(pfns[0], pfns[0] + needed)
+        ):
+            # One physically contiguous run (the common case): one check, one view.
+            self.check_pfn(pfns[0])
+            self.check_pfn(pfns[needed - 1])
+            return [self.view((pfns[0] << PAGE_SHIFT) + byte_offset, byte_count)]
         out: list[memoryview] = []
         remaining = byte_count
         i = 0

@@ -33,6 +33,7 @@ from vmbus.protocols import storvsc as S
 
 PAGE = 4096
 SUBCHANNEL_WAIT = 5.0
+BATCH_PER_QUEUE = 32
 
 
 class BlockError(IOError):
@@ -167,10 +168,15 @@ class StorvscDriver(GuestDriver):
         live = [q for q in self.queues if not q.channel.revoked and not q.channel.closed]
         if not live:
             raise ChannelRevoked("every queue of the disk is gone")
+        # Whole runs of BATCH_PER_QUEUE requests go to one queue, the next
+        # run to the next queue: a batch costs one commit and at most one
+        # signal per queue it touches, and concurrent submitters still
+        # spread over every queue.
         nq = len(live)
         per_queue: list[list[int]] = [[] for _ in range(nq)]
+        first = next(self._next_queue)
         for i in range(len(cdbs)):
-            per_queue[next(self._next_queue) % nq].append(i)
+            per_queue[(first + i // BATCH_PER_QUEUE) % nq].append(i)
         results: list[BlockResult] = [BlockResult() for _ in cdbs]
 
         async def run_queue(q: int, idx: list[int]) -> None:
@@ -181,7 +187,7 @@ class StorvscDriver(GuestDriver):
                     cdb, data_in, length, out = cdbs[i]
                     if length:
                         npages = (length + PAGE - 1) // PAGE
-                        pfn = self.ram.alloc(npages)
+                        pfn = self.ram.alloc(npages, zero=False)  # the host or our copy fills it
                         pages.append((pfn, npages))
                         if out:
                             self.ram.pages_view(pfn, npages)[: len(out)] = out

@@ -54,7 +54,8 @@ def test_eight_guests_at_once(tmp_path: Path) -> None:
 
 
 def test_pvbus_run_pairs_host_and_guest() -> None:
-    res = subprocess.run([*PVBUS, "run", "--ram", "32", "--", "200"], capture_output=True, timeout=120)
+    res = subprocess.run([*PVBUS, "run", "--program", "echo-demo", "--ram", "32", "--", "200"],
+                         capture_output=True, timeout=120)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     assert b'"requests": 200' in res.stdout
 

@@ -1,0 +1,160 @@
+"""``pvbus bench block``: the same block workloads natively and through the
+paravirtual disk, in one run, and the issue's targets as ratios.
+
+It lays out a disk image (written in full, so reads hit real data), runs
+each workload natively in this process, then starts a ``pvbus host`` on the
+same image and a ``pvbus guest`` running ``blockload.guest_program`` with
+the same workloads, and collects both sides' records.  The host's CPU
+seconds come from its /proc entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .blockload import Workload, encode, run_native
+
+FULL = [
+    Workload("read", 4096, 4), Workload("write", 4096, 4),
+    Workload("read", 65536, 4), Workload("write", 65536, 4),
+    Workload("read", 1 << 20, 4), Workload("write", 1 << 20, 4),
+    Workload("randread", 4096, 1), Workload("randwrite", 4096, 1),
+    Workload("randread", 4096, 32), Workload("randwrite", 4096, 32),
+]
+DEMO = [Workload("read", 1 << 20, 4, runtime=0.5), Workload("write", 1 << 20, 4, runtime=0.5),
+        Workload("randread", 4096, 32, runtime=0.5), Workload("randwrite", 4096, 32, runtime=0.5)]
+
+
+def _quick(workloads: list[Workload], runtime: float) -> list[Workload]:
+    return [Workload(w.rw, w.bs, w.iodepth, w.size, runtime, min(w.ramp, 0.1)) for w in workloads]
+
+
+def lay_out(path: str, size: int) -> None:
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_paravirt(image: str, workloads: list[Workload], progress: Any = None) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="pvbus-bench-") as tmp:
+        sock = os.path.join(tmp, "host.sock")
+        host = subprocess.Popen([sys.executable, "-m", "pvbus", "host", "--socket", sock, "--disk", image,
+                                 "--device", "storage"], stdout=subprocess.PIPE)
+        try:
+            assert host.stdout is not None
+            if not host.stdout.readline().startswith(b"ready"):
+                raise RuntimeError("the host did not start")
+            guest = subprocess.Popen(
+                [sys.executable, "-m", "pvbus", "guest", "--socket", sock, "--ram", "512", "--program",
+                 "pvbus.bench.blockload:guest_program", "--", encode(workloads)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            records = []
+            assert guest.stdout is not None
+            cpu_before = _cpu_seconds(host.pid)
+            for line in guest.stdout:
+                rec = json.loads(line)
+                cpu_now = _cpu_seconds(host.pid)
+                rec["host_cpu_s"] = round(cpu_now - cpu_before, 3)  # includes the ramp of this workload
+                cpu_before = cpu_now
+                records.append(rec)
+                if progress:
+                    progress(f"paravirt {rec['rw']} {rec['bs']} qd{rec['iodepth']}: {rec['iops']:,.0f} IOPS")
+            if guest.wait(timeout=600) != 0:
+                raise RuntimeError(f"guest failed: {guest.stderr.read().decode()[-2000:] if guest.stderr else ''}")
+            return records
+        finally:
+            host.send_signal(signal.SIGTERM)
+            host.wait(timeout=30)
+
+
+def run(workloads: list[Workload], progress: Any = None, image: str | None = None) -> dict[str, Any]:
+    from .ringbench import machine_info
+
+    size = max(w.size for w in workloads)
+    with tempfile.TemporaryDirectory(prefix="pvbus-disk-") as tmp:
+        path = image or os.path.join(tmp, "bench.img")
+        if progress:
+            progress(f"laying out a {size >> 20} MiB image")
+        lay_out(path, size)
+        records = []
+        for wl in workloads:
+            if progress:
+                progress(f"native {wl.rw} {wl.bs} qd{wl.iodepth}")
+            records.append(run_native(path, wl))
+        records += run_paravirt(path, workloads, progress)
+    return {"machine": machine_info(), "records": records, "targets": evaluate(records)}
+
+
+def _find(records: list[dict[str, Any]], mode: str, rw: str, bs: int, qd: int) -> dict[str, Any] | None:
+    return next((r for r in records if (r["mode"], r["rw"], r["bs"], r["iodepth"]) == (mode, rw, bs, qd)), None)
+
+
+def evaluate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    pv, nat = _find(records, "paravirt", "read", 1 << 20, 4), _find(records, "native", "read", 1 << 20, 4)
+    if pv and nat:
+        r = pv["mb_per_s"] / nat["mb_per_s"]
+        out.append({"target": "seq 1 MiB read QD4 >= 0.9x native MB/s", "ratio": r, "met": r >= 0.9,
+                    "detail": f"{pv['mb_per_s']:,.0f} vs {nat['mb_per_s']:,.0f} MB/s"})
+    pv, nat = _find(records, "paravirt", "randread", 4096, 32), _find(records, "native", "randread", 4096, 32)
+    if pv and nat:
+        r = pv["iops"] / nat["iops"]
+        out.append({"target": "rand 4 KiB read QD32 >= 0.5x native IOPS", "ratio": r, "met": r >= 0.5,
+                    "detail": f"{pv['iops']:,.0f} vs {nat['iops']:,.0f} IOPS"})
+        out.append({"target": "<= 0.05 exits per I/O at QD32", "ratio": pv["exits_per_io"],
+                    "met": pv["exits_per_io"] <= 0.05, "detail": f"{pv['exits_per_io']:.4f}"})
+    return out
+
+
+def render(result: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=title)
+    for col in ("mode", "rw", "bs", "qd", "IOPS", "MB/s", "p50 us", "p99 us", "exits/IO"):
+        table.add_column(col, justify="left" if col in ("mode", "rw") else "right")
+    for r in sorted(result["records"], key=lambda r: (r["rw"], r["bs"], r["iodepth"], r["mode"])):
+        table.add_row(r["mode"], r["rw"], _bs(r["bs"]), str(r["iodepth"]), f"{r['iops']:,.0f}",
+                      f"{r['mb_per_s']:,.0f}", f"{r['lat_p50_us']:.1f}", f"{r['lat_p99_us']:.1f}",
+                      f"{r['exits_per_io']:.3f}")
+    console.print(table)
+    if result.get("targets"):
+        t = Table(title="targets (ratios within this run)")
+        for col in ("target", "ratio", "met", "detail"):
+            t.add_column(col)
+        for x in result["targets"]:
+            t.add_row(x["target"], f"{x['ratio']:.3g}", "yes" if x["met"] else "NO", x["detail"])
+        console.print(t)
+
+
+def _bs(n: int) -> str:
+    return f"{n >> 20}M" if n >= 1 << 20 else f"{n >> 10}K" if n >= 1024 else str(n)
+
+
+def main(json_path: str | None, quick: bool) -> int:
+    from rich.console import Console
+
+    workloads = _quick(FULL, 0.3) if quick else FULL
+    with Console(stderr=True).status("starting") as status:
+        result = run(workloads, progress=status.update)
+    render(result, "pvbus bench block: native vs paravirtual disk, same image, one run")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return 0
