@@ -34,6 +34,7 @@ from vmbus.protocols import storvsc as S
 PAGE = 4096
 SUBCHANNEL_WAIT = 5.0
 BATCH_PER_QUEUE = 32
+BYTES_PER_QUEUE = 2 << 20
 
 
 class BlockError(IOError):
@@ -208,15 +209,21 @@ class StorvscDriver(GuestDriver):
         live = [q for q in self.queues if not q.channel.revoked and not q.channel.closed]
         if not live:
             raise ChannelRevoked("every queue of the disk is gone")
-        # Whole runs of BATCH_PER_QUEUE requests go to one queue, the next
-        # run to the next queue: a batch costs one commit and at most one
-        # signal per queue it touches, and concurrent submitters still
-        # spread over every queue.
+        # Runs of up to BATCH_PER_QUEUE requests (or BYTES_PER_QUEUE of data)
+        # go to one queue, the next run to the next queue: a batch of small
+        # requests costs one commit and at most one signal, large transfers
+        # spread over the host's per-queue workers, and concurrent
+        # submitters rotate over every queue.
         nq = len(live)
         per_queue: list[list[int]] = [[] for _ in range(nq)]
-        first = next(self._next_queue)
-        for i in range(len(cdbs)):
-            per_queue[(first + i // BATCH_PER_QUEUE) % nq].append(i)
+        q = next(self._next_queue) % nq
+        run = run_bytes = 0
+        for i, (_, _, length, _) in enumerate(cdbs):
+            if run and (run >= BATCH_PER_QUEUE or run_bytes + length > BYTES_PER_QUEUE):
+                q, run, run_bytes = (q + 1) % nq, 0, 0
+            per_queue[q].append(i)
+            run += 1
+            run_bytes += length
         results: list[BlockResult] = [BlockResult() for _ in cdbs]
 
         async def run_queue(q: int, idx: list[int]) -> None:
