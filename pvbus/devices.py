@@ -8,6 +8,8 @@ host never loads guest code and the guest never loads host code.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 from vmbus.device import DeviceSpec
@@ -15,45 +17,30 @@ from vmbus.protocols import echo as echo_protocol
 from vmbus.protocols import storvsc as storvsc_protocol
 
 
-def _echo_host(config: dict[str, Any]) -> Any:
-    from host_drivers.echo import EchoHost
+def _lazy(path: str) -> Callable[[Any], Any]:
+    """``module:Class`` constructed on first use, imported only then."""
+    module, name = path.split(":")
 
-    return EchoHost(config)
+    def make(arg: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(arg)
 
-
-def _echo_guest(channel: Any) -> Any:
-    from guest_kernel.drivers.echo import EchoDriver
-
-    return EchoDriver(channel)
+    return make
 
 
 ECHO = DeviceSpec(
     name="echo",
     interface_id=echo_protocol.INTERFACE_ID,
-    host=_echo_host,
-    guest=_echo_guest,
+    host=_lazy("host_drivers.echo:EchoHost"),
+    guest=_lazy("guest_kernel.drivers.echo:EchoDriver"),
     ring_pages=4,
     description="echoes each request's bytes back in its completion",
 )
 
-
-def _storage_host(config: dict[str, Any]) -> Any:
-    from host_drivers.storage.device import StorvspHost
-
-    return StorvspHost(config)
-
-
-def _storage_guest(channel: Any) -> Any:
-    from guest_kernel.drivers.storvsc import StorvscDriver
-
-    return StorvscDriver(channel)
-
-
 STORAGE = DeviceSpec(
     name="storage",
     interface_id=storvsc_protocol.INTERFACE_ID,
-    host=_storage_host,
-    guest=_storage_guest,
+    host=_lazy("host_drivers.storage.device:StorvspHost"),
+    guest=_lazy("guest_kernel.drivers.storvsc:StorvscDriver"),
     ring_pages=64,
     description="SCSI disk backed by a disk image or block device (storvsc/storvsp)",
     needs_config=True,

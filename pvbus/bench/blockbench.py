@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .blockload import Workload, encode, run_native
+from .ringbench import render_targets
 
 FULL = [
     Workload("read", 4096, 4), Workload("write", 4096, 4),
@@ -134,13 +135,7 @@ def render(result: dict[str, Any], title: str) -> None:
                       f"{r['mb_per_s']:,.0f}", f"{r['lat_p50_us']:.1f}", f"{r['lat_p99_us']:.1f}",
                       f"{r['exits_per_io']:.3f}")
     console.print(table)
-    if result.get("targets"):
-        t = Table(title="targets (ratios within this run)")
-        for col in ("target", "ratio", "met", "detail"):
-            t.add_column(col)
-        for x in result["targets"]:
-            t.add_row(x["target"], f"{x['ratio']:.3g}", "yes" if x["met"] else "NO", x["detail"])
-        console.print(t)
+    render_targets(console, result.get("targets", []))
 
 
 def _bs(n: int) -> str:

@@ -60,6 +60,30 @@ def _histogram() -> HdrHistogram:
     return HdrHistogram(1, 60_000_000_000, 3)
 
 
+class _Clock:
+    """Ramp, then measure for ``runtime`` seconds.  ``tick`` says whether to
+    go on and whether the measured window just began (counters restart)."""
+
+    def __init__(self, wl: Workload) -> None:
+        self.start = time.perf_counter()
+        self.measuring = self.start + wl.ramp
+        self.end = self.measuring + wl.runtime
+        self.t_measure: float | None = None
+
+    def tick(self) -> tuple[bool, bool]:
+        now = time.perf_counter()
+        if now >= self.end:
+            return False, False
+        if self.t_measure is None and now >= self.measuring:
+            self.t_measure = now
+            return True, True
+        return True, False
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - (self.t_measure or self.start)
+
+
 def _summary(wl: Workload, mode: str, ios: int, seconds: float, hist: HdrHistogram, extra: dict[str, Any]) -> dict[str, Any]:
     pct = hist.get_value_at_percentile
     return {
@@ -79,16 +103,13 @@ def run_native(path: str, wl: Workload) -> dict[str, Any]:
     ios = 0
     cpu0 = time.process_time()
     try:
-        start = time.perf_counter()
-        measuring = start + wl.ramp
-        end = measuring + wl.runtime
-        t_measure = None
+        clock = _Clock(wl)
         while True:
-            now = time.perf_counter()
-            if now >= end:
+            going, restart = clock.tick()
+            if not going:
                 break
-            if t_measure is None and now >= measuring:
-                t_measure, ios, hist = now, 0, _histogram()
+            if restart:
+                ios, hist = 0, _histogram()
             t0 = time.perf_counter_ns()
             if wl.write:
                 os.pwritev(fd, view, next(offsets))
@@ -96,7 +117,7 @@ def run_native(path: str, wl: Workload) -> dict[str, Any]:
                 os.preadv(fd, view, next(offsets))
             hist.record_value(max(1, time.perf_counter_ns() - t0))
             ios += 1
-        seconds = time.perf_counter() - (t_measure or start)
+        seconds = clock.seconds
     finally:
         os.close(fd)
     return _summary(wl, "native", ios, seconds, hist, {
@@ -117,16 +138,13 @@ async def run_paravirt(kernel: Any, wl: Workload) -> dict[str, Any]:
     ios = 0
     exits0 = interrupts0 = 0
     cpu0 = time.process_time()
-    start = time.perf_counter()
-    measuring = start + wl.ramp
-    end = measuring + wl.runtime
-    t_measure = None
+    clock = _Clock(wl)
     while True:
-        now = time.perf_counter()
-        if now >= end:
+        going, restart = clock.tick()
+        if not going:
             break
-        if t_measure is None and now >= measuring:
-            t_measure, ios, hist = now, 0, _histogram()
+        if restart:
+            ios, hist = 0, _histogram()
             exits0 = sum(kernel.hypercalls.exits.values())
             interrupts0 = kernel.synic.interrupts
             cpu0 = time.process_time()
@@ -140,7 +158,7 @@ async def run_paravirt(kernel: Any, wl: Workload) -> dict[str, Any]:
         for _ in batch:
             hist.record_value(lat)
         ios += len(batch)
-    seconds = time.perf_counter() - (t_measure or start)
+    seconds = clock.seconds
     for b in buffers:
         b.free()
     exits = sum(kernel.hypercalls.exits.values()) - exits0
