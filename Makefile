@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/pvbus bench ring --json bench-results/ring.json
 	$(VENV)/bin/pvbus bench block --json bench-results/block.json
+	$(VENV)/bin/pvbus bench --json bench-results/kinds.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info ring/_ring_c.* .pytest_cache .hypothesis bench-results

@@ -18,7 +18,18 @@ import trio
 
 from vmbus import hv
 from vmbus.errors import HypercallFailed
-from vmbus.transport import CONNECT_BODY, CONTROL_WORD, KIND, STATUS, WRMSR_BODY, ExitKind, recv_msg, send_msg
+from vmbus.transport import (
+    CONNECT_BODY,
+    CONTROL_WORD,
+    IO_BODY,
+    IO_REPLY,
+    KIND,
+    STATUS,
+    WRMSR_BODY,
+    ExitKind,
+    recv_msg,
+    send_msg,
+)
 
 
 class Hypercalls:
@@ -46,8 +57,11 @@ class Hypercalls:
     async def _exit(self, what: str, data: bytes, fds: list[int] | None = None) -> tuple[int, list[int]]:
         async with self._lock:
             self.exits[what] += 1
-            await send_msg(self.sock, data, fds or [])
-            reply, rfds = await recv_msg(self.sock)
+            # An exit is not interruptible half-way: a cancelled wait would
+            # leave its reply to be taken as the answer to the next exit.
+            with trio.CancelScope(shield=True):
+                await send_msg(self.sock, data, fds or [])
+                reply, rfds = await recv_msg(self.sock)
         if len(reply) != STATUS.size:
             raise ConnectionError("hypervisor went away")
         return STATUS.unpack(reply)[0], rfds
@@ -75,6 +89,21 @@ class Hypercalls:
                 os.close(fd)
             raise HypercallFailed(f"CONNECT_EVENT_PORT {connection_id:#x}", status)
         return fds[0]
+
+    async def io(self, address: int, size: int, *, write: bool = False, value: int = 0) -> int:
+        """One trapped register access (port or MMIO): an exit and a round trip.
+        Returns the value read (for a write, what the device echoes)."""
+        async with self._lock:
+            self.exits["io"] += 1
+            with trio.CancelScope(shield=True):  # see _exit
+                await send_msg(self.sock, KIND.pack(ExitKind.IO) + IO_BODY.pack(address, size, int(write), 0, value))
+                reply, _ = await recv_msg(self.sock)
+        if len(reply) != IO_REPLY.size:
+            raise ConnectionError("hypervisor went away")
+        status, result = IO_REPLY.unpack(reply)
+        if status != hv.HvStatus.SUCCESS:
+            raise HypercallFailed(f"I/O access at {address:#x}", status)
+        return int(result)
 
     def signal_event(self, event_fd: int) -> None:
         """HvSignalEvent, fast: one eventfd write, no round trip."""

@@ -97,6 +97,8 @@ class GuestKernel:
         self.synic: SynIC | None = None
         self._nursery: trio.Nursery | None = None
         self.unexpected_messages = 0
+        self.legacy_irqs = 0  # interrupts from the emulated disk controllers
+        self._legacy_irq = trio.Event()
 
     # -- messages ----------------------------------------------------------
 
@@ -161,6 +163,11 @@ class GuestKernel:
         slot[0].set()
 
     def _on_channel_interrupt(self, relid: int) -> None:
+        if relid == hv.LEGACY_IRQ_FLAG:
+            self.legacy_irqs += 1
+            ev, self._legacy_irq = self._legacy_irq, trio.Event()
+            ev.set()
+            return
         dev = self.devices.get(relid)
         if dev is not None:
             dev.wake()
@@ -294,6 +301,29 @@ class GuestKernel:
                 await dev.driver.start(nursery)
                 task_status.started()
         # normal end: cancelled by close or rescind
+
+    async def wait_legacy_irq(self, seen: int) -> None:
+        """Return once more than ``seen`` legacy interrupts have arrived."""
+        while self.legacy_irqs <= seen:
+            await self._legacy_irq.wait()
+
+    async def emulated_disk(self, kind: str) -> Any:
+        """The emulated disk controllers an unmodified guest would drive:
+        ``"dma"`` (full virtualization) or ``"ide"`` (programmed I/O)."""
+        assert self.hypercalls is not None
+        if kind == "dma":
+            from .drivers.dmadisk import DmaDiskDriver
+
+            disk: Any = DmaDiskDriver(self)
+        elif kind == "ide":
+            from .drivers.ide import IdeDisk
+
+            disk = IdeDisk(self.hypercalls)
+        else:
+            raise ValueError(f"unknown emulated disk {kind!r}")
+        if not await disk.probe():
+            raise LookupError(f"no {kind} controller (start the host with --emulated-disks)")
+        return disk
 
     def device(self, name: str) -> Any:
         """The driver of an open device, for guest programs."""

@@ -82,3 +82,27 @@ class GuestRam:
         self.view.release()
         self._base = None
         self.shm.close()
+
+
+class DmaBuffer:
+    """Physically contiguous I/O memory in guest RAM, for devices that read
+    and write it in place (a storvsc page list, an emulated DMA engine):
+    the zero-copy path, as O_DIRECT into a guest's own pages."""
+
+    def __init__(self, ram: GuestRam, nbytes: int) -> None:
+        self.ram = ram
+        self.npages = max(1, (nbytes + PAGE_SIZE - 1) // PAGE_SIZE)
+        self.pfn = ram.alloc(self.npages, zero=False)
+        self.view = ram.pages_view(self.pfn, self.npages)[:nbytes]
+
+    def free(self) -> None:
+        if self.npages:
+            self.view.release()
+            self.ram.free(self.pfn, self.npages)
+            self.npages = 0
+
+    def __enter__(self) -> DmaBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()

@@ -11,6 +11,9 @@ Subcommands:
 - ``pvbus inspect``: a running host's partitions, channels and counters.
 - ``pvbus ring-demo``: two processes moving a checked packet stream over a
   bare ring pair.
+- ``pvbus bench [--json FILE] [--quick]``: one block workload four ways:
+  native, paravirtual, fully virtualized (trapped DMA controller) and
+  emulated (programmed I/O).
 - ``pvbus bench block [--json FILE] [--quick]``: native vs paravirtual disk.
 - ``pvbus bench ring [--json FILE] [--quick]``: the ring against
   ``os.pipe``, ``multiprocessing.Pipe`` and ``faster_fifo.Queue``.
@@ -44,7 +47,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
     from .launch import disk_config, host_main
 
     return trio.run(host_main, args.socket, args.device, args.versions,
-                    disk_config(args.disk, args.disk_size, args.read_only))
+                    disk_config(args.disk, args.disk_size, args.read_only), args.emulated_disks)
 
 
 def _cmd_guest(args: argparse.Namespace) -> int:
@@ -66,6 +69,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.disk_size:
         host_args += ["--disk-size", args.disk_size]
     return trio.run(run_main, args.program, args.args, args.device, args.ram, host_args)
+
+
+def _cmd_bench_kinds(args: argparse.Namespace) -> int:
+    from .bench import kinds
+
+    return kinds.main(args.json, args.quick)
 
 
 def _cmd_bench_block(args: argparse.Namespace) -> int:
@@ -151,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     host.add_argument("--device", action="append", help="offer this device (repeatable; default: all installed)")
     host.add_argument("--versions", help="VMBus versions to accept, e.g. 4.0,3.0 (default: 3.0 to 5.3)")
     _disk_arguments(host)
+    host.add_argument("--emulated-disks", action="store_true",
+                      help="also attach an emulated IDE (PIO) and DMA controller on the disk image")
     host.set_defaults(func=_cmd_host)
 
     guest = sub.add_parser("guest", help="boot a guest kernel against a host and run a guest program")
@@ -178,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--packets", type=int, default=200_000, help="packets in the checked transfer")
     demo.set_defaults(func=_cmd_ring_demo)
 
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bench = sub.add_parser("bench", help="benchmarks; alone: the four kinds of virtualization side by side")
+    bench.add_argument("--json", metavar="FILE", help="write the records as JSON")
+    bench.add_argument("--quick", action="store_true", help="short runs (under a minute)")
+    bench.set_defaults(func=_cmd_bench_kinds)
+    bench_sub = bench.add_subparsers(dest="bench")
     ring = bench_sub.add_parser("ring", help="the ring against pipes and queues, two processes")
     ring.add_argument("--json", metavar="FILE", help="write the records as JSON")
     ring.add_argument("--quick", action="store_true", help="short runs (a smoke test, noisier)")

@@ -73,7 +73,7 @@ def parse_size(text: str) -> int:
 
 
 async def host_main(socket_path: str, device_names: list[str] | None, versions: str | None,
-                    config: dict[str, dict[str, Any]] | None = None) -> int:
+                    config: dict[str, dict[str, Any]] | None = None, emulated_disks: bool = False) -> int:
     from vmbus.host import HostService
     from vmbus.server import HOST_VERSIONS
 
@@ -82,7 +82,7 @@ async def host_main(socket_path: str, device_names: list[str] | None, versions: 
         if spec.needs_config and name not in (config or {}):
             raise SystemExit(f"device {name} needs its configuration (for storage: --disk PATH)")
     service = HostService(socket_path, devices.values(), versions=parse_versions(versions) or HOST_VERSIONS,
-                          device_config=config)
+                          device_config=config, emulated_disks=emulated_disks)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_until_signal, nursery.cancel_scope)
         await nursery.start(service.run)

@@ -46,8 +46,10 @@ class HostService:
         *,
         versions: Iterable[int] = HOST_VERSIONS,
         device_config: dict[str, dict[str, Any]] | None = None,
+        emulated_disks: bool = False,
     ) -> None:
         self.socket_path = Path(socket_path)
+        self.emulated_disks = emulated_disks
         self.admin_path = Path(f"{self.socket_path}.admin")
         self.devices = list(devices)
         self.versions = tuple(versions)
@@ -90,6 +92,7 @@ class HostService:
             sock.close()
             return
         server: VmbusServer | None = None
+        models = self._attach_emulated(partition)
         try:
             async with trio.open_nursery() as nursery:
                 server = VmbusServer(partition, self.devices, nursery, self.versions, self.device_config)
@@ -106,9 +109,26 @@ class HostService:
             if server is not None:
                 with trio.CancelScope(shield=True):
                     await server.close()
+            for disk in models:
+                disk.close()
             partition.close()
             self._partitions_changed()
             log.info("partition %d: released", partition.id)
+
+    def _attach_emulated(self, partition: Partition) -> list[Any]:
+        """The emulated IDE and DMA controllers on the storage image, for the
+        full-virtualization and emulation comparisons; returns what to close."""
+        cfg = self.device_config.get("storage")
+        if not self.emulated_disks or not cfg:
+            return []
+        from host_drivers.emulated import DMA_BASE, DMA_REGS, IDE_BASE, IDE_PORTS
+        from host_drivers.emulated.dma import DmaDisk
+        from host_drivers.emulated.ide import IdePio
+        from host_drivers.storage.backend import DiskImage
+
+        disks = [DiskImage(cfg["path"], read_only=bool(cfg.get("read_only"))) for _ in range(2)]
+        partition.io_regions = [(IDE_BASE, IDE_PORTS, IdePio(disks[0])), (DMA_BASE, DMA_REGS, DmaDisk(disks[1], partition))]
+        return disks
 
     async def _connect(self, sock: trio.socket.SocketType) -> Partition | None:
         """The CONNECT exit: RAM and SINT fds; anything else is refused."""

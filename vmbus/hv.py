@@ -78,3 +78,7 @@ HV_X64_MSR_SIEFP: Final = 0x40000082
 HV_X64_MSR_SIMP: Final = 0x40000083
 HV_X64_MSR_EOM: Final = 0x40000084
 MSR_ENABLE: Final = 0x1
+
+# Event flag the emulated (non-VMBus) disk controllers raise as their
+# interrupt line; VMBus relids stay far below it.
+LEGACY_IRQ_FLAG: Final = EVENT_FLAGS_BYTES_PER_SINT * 8 - 1

@@ -23,6 +23,7 @@ import os
 import struct
 from collections import Counter, deque
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -30,6 +31,8 @@ from . import hv
 from .guest_memory import PAGE_SIZE, GuestMemory, GuestMemoryError
 from .transport import (
     CONTROL_WORD,
+    IO_BODY,
+    IO_REPLY,
     KIND,
     STATUS,
     WRMSR_BODY,
@@ -66,6 +69,8 @@ class Partition:
         # connection id -> eventfd to hand to the guest (CONNECT_EVENT_PORT)
         self.event_port: Callable[[int], int | None] = lambda conn: None
         self.on_signal: Callable[[int], bool] = lambda conn: False
+        # trapped I/O: (base, length, device model) for emulated devices
+        self.io_regions: list[tuple[int, int, Any]] = []
 
     def reject(self, what: str, detail: str) -> None:
         """Count and log a refused guest request (the guest is untrusted)."""
@@ -87,8 +92,28 @@ class Partition:
             if not data:
                 return  # end of stream: the guest went away
             close_fds(fds)  # after CONNECT no exit carries fds
+            if len(data) >= KIND.size and KIND.unpack_from(data)[0] == ExitKind.IO:
+                await send_msg(self.sock, await self._io(data[KIND.size :]))
+                continue
             status, reply_fds = self.handle_exit(data)
             await send_msg(self.sock, STATUS.pack(status), reply_fds)
+
+    async def _io(self, body: bytes) -> bytes:
+        """A trapped register access: route it to the device model at that address."""
+        self.exits["io"] += 1
+        if len(body) != IO_BODY.size:
+            self.reject("io", "bad size")
+            return IO_REPLY.pack(hv.HvStatus.INVALID_HYPERCALL_INPUT, 0)
+        addr, size, write, _, value = IO_BODY.unpack(body)
+        if size not in (1, 2, 4, 8):
+            self.reject("io", f"access size {size}")
+            return IO_REPLY.pack(hv.HvStatus.INVALID_PARAMETER, 0)
+        for base, length, model in self.io_regions:
+            if base <= addr < base + length:
+                value = await model.access(addr - base, size, bool(write), value & ((1 << (8 * size)) - 1))
+                return IO_REPLY.pack(hv.HvStatus.SUCCESS, value)
+        # Nothing decodes this address: reads float high, as on a real bus.
+        return IO_REPLY.pack(hv.HvStatus.SUCCESS, 0 if write else (1 << (8 * size)) - 1)
 
     def handle_exit(self, data: bytes) -> tuple[int, list[int]]:
         if len(data) < KIND.size:

@@ -10,9 +10,12 @@ kind                  body                                        fds
 CONNECT (1)           u64 RAM size                                RAM memfd, SINT eventfd
 HYPERCALL (2)         u64 control word + input block              -
 WRMSR (3)             u32 MSR, u64 value                          -
+IO (4)                u32 address, u8 size, u8 write, u16, u64    -
 ====================  ==========================================  ==============
 
-Replies are a u32 status, with fds only for CONNECT_EVENT_PORT.  Two
+Replies are a u32 status, with fds only for CONNECT_EVENT_PORT; an IO exit
+(a trapped register access of an emulated device, the full-virtualization
+and emulation cases) is answered with the status and the u64 value read.  Two
 things do not use the socket because they need no round trip: a
 HvSignalEvent on an open channel is one write to the channel's eventfd,
 and host-to-guest messages and interrupts arrive through the SynIC pages
@@ -35,6 +38,8 @@ import trio
 KIND: Final = struct.Struct("<I")
 CONNECT_BODY: Final = struct.Struct("<Q")
 WRMSR_BODY: Final = struct.Struct("<IQ")
+IO_BODY: Final = struct.Struct("<IBBHQ")  # address, size, is_write, reserved, value
+IO_REPLY: Final = struct.Struct("<IQ")  # status, value
 CONTROL_WORD: Final = struct.Struct("<Q")
 STATUS: Final = struct.Struct("<I")
 MAX_DATAGRAM: Final = 512
@@ -45,6 +50,7 @@ class ExitKind(IntEnum):
     CONNECT = 1
     HYPERCALL = 2
     WRMSR = 3
+    IO = 4
 
 
 def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

@@ -31,6 +31,8 @@ from vmbus.device import GuestDriver
 from vmbus.errors import ChannelRevoked
 from vmbus.protocols import storvsc as S
 
+from ..memory import DmaBuffer
+
 PAGE = 4096
 SUBCHANNEL_WAIT = 5.0
 BATCH_PER_QUEUE = 32
@@ -44,32 +46,6 @@ class BlockError(IOError):
         super().__init__(message)
         self.sense = sense
         self.status = status
-
-
-class DmaBuffer:
-    """I/O memory in guest RAM: the host reads and writes it in place.
-
-    A request that names a ``DmaBuffer`` moves no bytes in the guest at all
-    (the zero-copy path, as O_DIRECT into a guest's own pages); without one
-    the driver copies through pages it allocates per request."""
-
-    def __init__(self, ram: Any, nbytes: int) -> None:
-        self.ram = ram
-        self.npages = max(1, (nbytes + PAGE - 1) // PAGE)
-        self.pfn = ram.alloc(self.npages, zero=False)
-        self.view = ram.pages_view(self.pfn, self.npages)[:nbytes]
-
-    def free(self) -> None:
-        if self.npages:
-            self.view.release()
-            self.ram.free(self.pfn, self.npages)
-            self.npages = 0
-
-    def __enter__(self) -> DmaBuffer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.free()
 
 
 @dataclass

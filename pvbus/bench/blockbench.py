@@ -131,11 +131,15 @@ def render(result: dict[str, Any], title: str) -> None:
     for col in ("mode", "rw", "bs", "qd", "IOPS", "MB/s", "p50 us", "p99 us", "exits/IO"):
         table.add_column(col, justify="left" if col in ("mode", "rw") else "right")
     for r in sorted(result["records"], key=lambda r: (r["rw"], r["bs"], r["iodepth"], r["mode"])):
-        table.add_row(r["mode"], r["rw"], _bs(r["bs"]), str(r["iodepth"]), f"{r['iops']:,.0f}",
-                      f"{r['mb_per_s']:,.0f}", f"{r['lat_p50_us']:.1f}", f"{r['lat_p99_us']:.1f}",
-                      f"{r['exits_per_io']:.3f}")
+        table.add_row(r["mode"], r["rw"], _bs(r["bs"]), str(r["iodepth"]), f"{r['iops']:,.3g}" if r["iops"] < 10 else f"{r['iops']:,.0f}",
+                      f"{r['mb_per_s']:,.3g}" if r["mb_per_s"] < 10 else f"{r['mb_per_s']:,.0f}",
+                      _us(r["lat_p50_us"]), _us(r["lat_p99_us"]), f"{r['exits_per_io']:,.3f}")
     console.print(table)
     render_targets(console, result.get("targets", []))
+
+
+def _us(v: float | None) -> str:
+    return "" if v is None else f"{v:,.1f}"
 
 
 def _bs(n: int) -> str:

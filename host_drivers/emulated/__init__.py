@@ -1,0 +1,19 @@
+"""Emulated disk controllers for guests without VMBus drivers.
+
+They exist to measure what paravirtualization saves.  Each register access
+of the guest's driver is a trapped exit (``ExitKind.IO``) answered by the
+device model here, one round trip each:
+
+- ``ide.IdePio``: a legacy IDE-like task file driven by programmed I/O;
+  every 16-bit data word crosses as its own exit (hardware emulation).
+- ``dma.DmaDisk``: a simple DMA disk controller; a request is a handful of
+  register writes, a doorbell, an interrupt and its acknowledgement, with
+  the data moved by DMA straight into guest RAM (full virtualization).
+
+Both read and write the same disk image as the paravirtual disk.
+"""
+
+IDE_BASE = 0x1F0
+IDE_PORTS = 8
+DMA_BASE = 0x1000
+DMA_REGS = 0x40
