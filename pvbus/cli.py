@@ -71,10 +71,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return trio.run(run_main, args.program, args.args, args.device, args.ram, host_args)
 
 
+def _cmd_bench_report(args: argparse.Namespace) -> int:
+    from .bench import report
+
+    return report.main(args.results, args.kinds_doc)
+
+
 def _cmd_bench_kinds(args: argparse.Namespace) -> int:
     from .bench import kinds
+    from .bench.blockload import Workload
+    from .launch import parse_size
 
-    return kinds.main(args.json, args.quick)
+    custom = None
+    if args.rw:
+        custom = [Workload(rw, parse_size(args.bs), args.iodepth, parse_size(args.size), args.runtime, args.ramp)
+                  for rw in args.rw]
+    return kinds.main(args.json, args.quick, custom)
 
 
 def _cmd_bench_block(args: argparse.Namespace) -> int:
@@ -192,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks; alone: the four kinds of virtualization side by side")
     bench.add_argument("--json", metavar="FILE", help="write the records as JSON")
     bench.add_argument("--quick", action="store_true", help="short runs (under a minute)")
+    bench.add_argument("--rw", action="append", choices=["read", "write", "randread", "randwrite"],
+                       help="workload(s) instead of the default matrix (fio-like, repeatable)")
+    bench.add_argument("--bs", default="4k", help="block size with --rw (default 4k)")
+    bench.add_argument("--iodepth", type=int, default=1, help="queue depth with --rw (default 1)")
+    bench.add_argument("--size", default="64M", help="region the workload covers (default 64M)")
+    bench.add_argument("--runtime", type=float, default=1.0, help="measured seconds per workload and mode")
+    bench.add_argument("--ramp", type=float, default=0.2, help="warm-up seconds before measuring")
     bench.set_defaults(func=_cmd_bench_kinds)
     bench_sub = bench.add_subparsers(dest="bench")
     ring = bench_sub.add_parser("ring", help="the ring against pipes and queues, two processes")
@@ -202,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     block.add_argument("--json", metavar="FILE", help="write the records as JSON")
     block.add_argument("--quick", action="store_true", help="short runs (a smoke test, noisier)")
     block.set_defaults(func=_cmd_bench_block)
+    report = bench_sub.add_parser("report", help="Markdown and PNG charts from a benchmark's JSON")
+    report.add_argument("results", help="JSON written by pvbus bench --json")
+    report.add_argument("--kinds-doc", metavar="FILE", help="also write the four-kinds document here")
+    report.set_defaults(func=_cmd_bench_report)
     return parser
 
 

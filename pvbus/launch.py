@@ -65,11 +65,12 @@ def disk_config(path: str | None, size: str | None, read_only: bool) -> dict[str
 
 
 def parse_size(text: str) -> int:
+    """``4k``, ``64KiB``, ``1M``, ``2G`` or plain bytes."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    text = text.strip().lower().rstrip("ib").rstrip("b") if text[-1:].isalpha() else text
-    if text[-1:] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t[-1:] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
 
 
 async def host_main(socket_path: str, device_names: list[str] | None, versions: str | None,

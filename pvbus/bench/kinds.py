@@ -11,7 +11,8 @@
 
 The same image, the same offsets, one run.  Records carry the fields of
 ``pvbus bench block`` plus p90/p99.9/max latency, interrupts per I/O and
-CPU seconds; ``report`` turns the JSON into Markdown and PNG charts.
+CPU seconds; the default run adds the ring benchmark's transports under
+``"ring"``; ``report`` turns the JSON into Markdown and PNG charts.
 """
 
 from __future__ import annotations
@@ -100,13 +101,22 @@ def evaluate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def main(json_path: str | None, quick: bool) -> int:
+def main(json_path: str | None, quick: bool, workloads: list[Workload] | None = None) -> int:
     from rich.console import Console
 
-    workloads = matrix(0.3, 0.05) if quick else matrix(1.0, 0.2)
+    from . import ringbench
+
+    default = workloads is None
+    if workloads is None:
+        workloads = matrix(0.3, 0.05) if quick else matrix(1.0, 0.2)
     with Console(stderr=True).status("starting") as status:
         result = run(workloads, progress=status.update)
+        if default:  # the transports under every mode: the ring and its peers
+            result["ring"] = ringbench.run(quick=quick, progress=status.update)
     render(result, "pvbus bench: one workload, four kinds of virtualization")
+    if "ring" in result:
+        ringbench.render(result["ring"])
+    result["command"] = "pvbus bench" + (" --quick" if quick else "")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2))
