@@ -73,4 +73,4 @@ def test_reported_exits_are_the_counted_exits(tmp_path: Path) -> None:
         for mode, guest_exits, host_exits, reported, ios in run_guest(host.socket, body):
             assert guest_exits == host_exits, mode  # what the guest made is what the host answered
             assert abs(reported - guest_exits) < 1e-6 * max(1, guest_exits), mode
-            assert ios >= 1
+            assert ios > 0  # emulated I/O may end mid-request: counted by bytes moved
