@@ -40,3 +40,9 @@ from .errors import RingEmpty as RingEmpty
 from .errors import RingError as RingError
 from .errors import RingFull as RingFull
 from .shm import SharedMemory as SharedMemory
+
+__all__ = [
+    "CONTROL_SIZE", "PAGE_SIZE", "Doorbell", "GpaRange", "IncomingRing", "OutgoingRing", "Packet", "PacketInfo",
+    "PacketTooLarge", "PacketType", "PyIncomingRing", "PyOutgoingRing", "ReadBatch", "RingCorrupt", "RingEmpty",
+    "RingError", "RingFull", "RingStatistics", "SharedMemory", "ring_total_size",
+]

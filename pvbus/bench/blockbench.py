@@ -1,5 +1,5 @@
 """``pvbus bench block``: the same block workloads natively and through the
-paravirtual disk, in one run, and the issue's targets as ratios.
+paravirtual disk, in one run, and the storage targets as ratios.
 
 It lays out a disk image (written in full, so reads hit real data), runs
 each workload natively in this process, then starts a ``pvbus host`` on the

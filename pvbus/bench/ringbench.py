@@ -196,7 +196,7 @@ def _find(records: list[dict[str, Any]], transport: str, size: int, mode: str) -
 
 
 def evaluate_targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, each as a measured ratio and whether it was met."""
+    """The ring's performance targets, each as a measured ratio and whether it was met."""
     targets = []
     peers_64 = [r for r in records if r["transport"] != "pvbus.ring" and r["payload_bytes"] == 64]
     best_peer = max(peers_64, key=lambda r: r["msgs_per_s"], default=None)

@@ -18,7 +18,7 @@ from .harness import RawGuest, host_process, run_guest
 S = hv.HvStatus
 
 
-async def _session(socket_path: str, body) -> RawGuest:  # noqa: ANN001
+async def _raw_guest_run(socket_path: str, body) -> RawGuest:  # noqa: ANN001
     g = RawGuest()
     async with trio.open_nursery() as nursery:
         await g.connect(socket_path, nursery)
@@ -108,7 +108,7 @@ def test_hostile_messages_get_error_statuses(tmp_path: Path) -> None:
             assert await g.post(P.Unload()) == S.SUCCESS
             await g.expect(P.UnloadResponse)
 
-        trio.run(_session, host.socket, body)
+        trio.run(_raw_guest_run, host.socket, body)
         # the host counted what it refused, and serves a well-behaved guest
         rc, out, err = run_guest(host, "echo-demo", "50")
         assert rc == 0, err
@@ -134,7 +134,7 @@ def test_gpadl_with_several_body_messages(tmp_path: Path) -> None:
             snap = await _inspect(host.socket)
             assert snap["partitions"][0]["gpadls"] == 1
 
-        trio.run(_session, host.socket, body)
+        trio.run(_raw_guest_run, host.socket, body)
 
 
 async def _inspect(sock: str) -> dict:

@@ -109,7 +109,7 @@ def test_batch_costs_one_signal(impl: str) -> None:
     for k in range(50):
         out.write(b"m" * 64, trans_id=k)
     assert out.commit() is True  # empty -> non-empty: signal once
-    for k in range(50):
+    for _ in range(50):
         out.write(b"m" * 64)
     assert out.commit() is False  # reader has not caught up: it will see these
     assert out.commit() is False  # nothing staged

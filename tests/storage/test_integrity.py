@@ -12,12 +12,11 @@ import signal
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from guest_kernel.drivers.storvsc import BlockRequest
 
 from ..bus.harness import PVBUS, host_process
-from .conftest import booted, run_guest
+from .conftest import run_guest
 
 DISK = 64 << 20
 BS = 512
@@ -107,7 +106,7 @@ def test_flushed_data_survives_host_sigkill(tmp_path: Path) -> None:
 
             acknowledged = []
 
-            async def body(kernel, off=off, data=data) -> None:  # noqa: ANN001
+            async def body(kernel, off=off, data=data, trial=trial, acknowledged=acknowledged, proc=proc) -> None:  # noqa: ANN001
                 disk = kernel.device("storage")
                 if trial % 2:
                     await disk.write(off, data, fua=True)  # FUA: durable on completion
