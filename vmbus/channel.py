@@ -167,13 +167,23 @@ class Channel:
         self.revoked = True
 
 
+class _Batch:
+    """Requests sent together and waited for together: one wake-up per batch."""
+
+    __slots__ = ("remaining", "done", "results")
+
+    def __init__(self, count: int) -> None:
+        self.remaining = count
+        self.done = trio.Event()
+        self.results: dict[int, Packet] = {}
+
+
 class Requestor:
     """Outstanding requests of one channel, keyed by 1-based slot ids."""
 
     def __init__(self, channel: Channel, capacity: int = 256) -> None:
         self.channel = channel
-        self._slots: list[trio.Event | None] = [None] * capacity
-        self._results: dict[int, Packet] = {}
+        self._slots: list[_Batch | None] = [None] * capacity
         self._free = list(range(capacity, 0, -1))
         self._room = trio.Condition()
         self.stray_completions = 0
@@ -184,32 +194,41 @@ class Requestor:
         return (await self.request_many([(payload, kwargs.get("packet_type", PacketType.DATA_INBAND),
                                            kwargs.get("header", b""))]))[0]
 
-    async def request_many(self, items: Sequence[tuple[Any, int, bytes]]) -> list[Packet]:
-        """Send many requests (payload, packet type, type-specific header) with
-        one ring commit where they fit; return their completions in order."""
+    async def _take_slots(self, count: int) -> list[int]:
         tids: list[int] = []
-        try:
-            for _ in items:
+        while len(tids) < count:
+            if self._free:
+                # Free slots are taken without a checkpoint: a batch of N
+                # requests costs no N scheduler round trips.
+                take = min(count - len(tids), len(self._free))
+                tids.extend(self._free.pop() for _ in range(take))
+            else:
                 async with self._room:
                     while not self._free:
                         await self._room.wait()
-                    tid = self._free.pop()
-                tids.append(tid)
-                self._slots[tid - 1] = trio.Event()
-            events = [self._slots[t - 1] for t in tids]
+        return tids
+
+    async def request_many(self, items: Sequence[tuple[Any, int, bytes]]) -> list[Packet]:
+        """Send many requests (payload, packet type, type-specific header) with
+        one ring commit where they fit; return their completions in order."""
+        if not items:
+            return []
+        tids: list[int] = []
+        try:
+            tids = await self._take_slots(len(items))
+            batch = _Batch(len(tids))
+            for tid in tids:
+                self._slots[tid - 1] = batch
             await self.channel.send_many(
                 [(payload, tid, True, ptype, header) for (payload, ptype, header), tid in zip(items, tids)]
             )
-            for tid, ev in zip(tids, events):
-                assert ev is not None
-                await ev.wait()
-                if tid not in self._results:
-                    raise ChannelRevoked(f"channel {self.channel.relid} was rescinded")
-            return [self._results[t] for t in tids]
+            await batch.done.wait()
+            if batch.remaining:
+                raise ChannelRevoked(f"channel {self.channel.relid} was rescinded")
+            return [batch.results[t] for t in tids]
         finally:
             for tid in tids:
                 self._slots[tid - 1] = None
-                self._results.pop(tid, None)
                 self._free.append(tid)
             if tids:
                 async with self._room:
@@ -221,20 +240,22 @@ class Requestor:
         if pkt.type != PacketType.COMPLETION or not 1 <= tid <= len(self._slots):
             self.stray_completions += 1
             return False
-        ev = self._slots[tid - 1]
-        if ev is None or tid in self._results:
+        batch = self._slots[tid - 1]
+        if batch is None or tid in batch.results:
             self.stray_completions += 1
             return False
-        self._results[tid] = pkt
-        ev.set()
+        batch.results[tid] = pkt
+        batch.remaining -= 1
+        if batch.remaining == 0:
+            batch.done.set()
         return True
 
     def fail_all(self) -> None:
         """Wake every waiter (after a rescind): they raise ChannelRevoked."""
-        for ev in self._slots:
-            if ev is not None and not ev.is_set():
-                self.failed_in_flight += 1
-                ev.set()
+        for batch in {id(b): b for b in self._slots if b is not None}.values():
+            if not batch.done.is_set():
+                self.failed_in_flight += batch.remaining
+                batch.done.set()
 
     async def run(self) -> None:
         """Deliver completions until the channel goes away."""
