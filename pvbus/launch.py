@@ -110,6 +110,9 @@ async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: i
                 status = 0  # asked to stop: shut down cleanly and say so
             await kernel.shutdown()
             nursery.cancel_scope.cancel()
+    except* (ConnectionError, BrokenPipeError, ConnectionResetError) as group:
+        print(f"pvbus guest: the host went away ({group.exceptions[0]})", file=sys.stderr)
+        status = 1
     finally:
         kernel.close()
     return status
