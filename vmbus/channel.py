@@ -62,6 +62,12 @@ class Channel:
         self.revoked = False
         self.stats = ChannelStatistics()
         self.sub_index = 0
+        # Adaptive polling: after draining, spin this many times (in C, GIL
+        # released, event loop held) for more packets before unmasking and
+        # sleeping.  0 = pure interrupt mode.  Worth it when the peer answers
+        # within microseconds (a request/completion device under load).
+        self.poll_spins = 0
+        self.polls_hit = 0
         # Host side, primary channels only: ask the bus to offer sub-channels.
         self.request_subchannels: Callable[[int], int] | None = None
 
@@ -156,6 +162,9 @@ class Channel:
             got = self._take(limit)
             if got:
                 return got  # still masked: the next call drains before sleeping
+            if self.poll_spins and inc.poll(self.poll_spins):
+                self.polls_hit += 1
+                continue  # arrived while we spun, masked: no interrupt was spent on it
             if inc.unmask():
                 continue  # arrived after the drain and before the unmask
             await self.wait_interrupt()
