@@ -20,7 +20,7 @@ class EchoHost(HostDevice):
             for pkt in await channel.receive():
                 if pkt.type != PacketType.DATA_INBAND or not pkt.completion_requested:
                     continue  # nothing to answer; a real device would count it
-                status, data = echo.parse_request(pkt.payload)
+                status, data = echo.parse_request(bytes(pkt.payload))
                 replies.append((echo.completion(status, data), pkt.trans_id, False, PacketType.COMPLETION, b""))
             if replies:
                 await channel.send_many(replies)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, TypeAlias
 
 try:  # 3.12+
-    from collections.abc import Buffer
+    from collections.abc import Buffer  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - 3.11
     Buffer: TypeAlias = bytes | bytearray | memoryview  # type: ignore[no-redef]
 

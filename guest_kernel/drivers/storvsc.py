@@ -53,7 +53,7 @@ class BlockRequest:
     op: str  # "read", "write", "flush", "discard"
     offset: int = 0
     length: int = 0
-    data: bytes | memoryview = b""
+    data: bytes | bytearray | memoryview = b""
     fua: bool = False
     buffer: DmaBuffer | None = None  # zero-copy: read into / write from these guest pages
 
@@ -272,7 +272,7 @@ class StorvscDriver(GuestDriver):
     async def read(self, offset: int, length: int) -> bytes:
         return await self._one(BlockRequest("read", offset, length)) or b""
 
-    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         await self._one(BlockRequest("write", offset, data=data, fua=fua))
 
     async def flush(self) -> None:

@@ -212,8 +212,8 @@ class FasterFifo:
         return {}
 
 
-def available_peers() -> list[type]:
-    peers: list[type] = [OsPipe, MpPipe]
+def available_peers() -> list[Any]:
+    peers: list[Any] = [OsPipe, MpPipe]
     try:
         import faster_fifo  # noqa: F401
     except ImportError:
