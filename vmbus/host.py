@@ -87,6 +87,14 @@ class HostService:
                 path.unlink(missing_ok=True)
 
     async def _guest(self, sock: trio.socket.SocketType) -> None:
+        """One guest from connect to release.  Whatever goes wrong in it ends
+        this partition only: the service and every other guest carry on."""
+        try:
+            await self._run_guest(sock)
+        except Exception:  # noqa: BLE001 - isolation between guests is the point
+            log.exception("a partition failed; it was released, the host goes on")
+
+    async def _run_guest(self, sock: trio.socket.SocketType) -> None:
         partition = await self._connect(sock)
         if partition is None:
             sock.close()

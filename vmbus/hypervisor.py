@@ -95,7 +95,12 @@ class Partition:
             if len(data) >= KIND.size and KIND.unpack_from(data)[0] == ExitKind.IO:
                 await send_msg(self.sock, await self._io(data[KIND.size :]))
                 continue
-            status, reply_fds = self.handle_exit(data)
+            try:
+                status, reply_fds = self.handle_exit(data)
+            except Exception as exc:  # noqa: BLE001 - a guest must never crash the host
+                log.exception("partition %d: exit handling failed", self.id)
+                self.reject("exit", f"internal error: {exc!r}")
+                status, reply_fds = hv.HvStatus.INVALID_PARAMETER, []
             await send_msg(self.sock, STATUS.pack(status), reply_fds)
 
     async def _io(self, body: bytes) -> bytes:
@@ -110,7 +115,12 @@ class Partition:
             return IO_REPLY.pack(hv.HvStatus.INVALID_PARAMETER, 0)
         for base, length, model in self.io_regions:
             if base <= addr < base + length:
-                value = await model.access(addr - base, size, bool(write), value & ((1 << (8 * size)) - 1))
+                try:
+                    value = await model.access(addr - base, size, bool(write), value & ((1 << (8 * size)) - 1))
+                except Exception as exc:  # noqa: BLE001 - a device model fault is the guest's error, not ours
+                    log.exception("partition %d: device model at %#x failed", self.id, base)
+                    self.reject("io", f"device at {base:#x}: {exc!r}")
+                    return IO_REPLY.pack(hv.HvStatus.INVALID_PARAMETER, 0)
                 return IO_REPLY.pack(hv.HvStatus.SUCCESS, value)
         # Nothing decodes this address: reads float high, as on a real bus.
         return IO_REPLY.pack(hv.HvStatus.SUCCESS, 0 if write else (1 << (8 * size)) - 1)

@@ -347,6 +347,11 @@ class VmbusServer:
                 self.rescind(ch.relid)
             except trio.ClosedResourceError:
                 pass
+            except Exception as exc:  # noqa: BLE001 - a device bug stops its channel, nothing else
+                log.exception("partition %d: device %s failed on channel %d", self.partition.id, ch.spec.name,
+                              ch.relid)
+                self.partition.reject("device", f"channel {ch.relid}: {exc!r}; rescinding it")
+                self.rescind(ch.relid)
         if ch.channel is channel and ch.state is ChannelState.OPEN:
             self._stop_channel(ch)  # the device returned on its own: quiesce the channel
 

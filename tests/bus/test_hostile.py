@@ -173,3 +173,50 @@ def test_connect_must_come_first_with_sealed_ram(tmp_path: Path) -> None:
         assert trio.run(attempts) == [S.INVALID_PARAMETER, S.INVALID_PARAMETER]
         snap = host.inspect()
         assert snap["rejected_connects"] == 2 and snap["partitions"] == []
+
+
+def test_a_failing_device_ends_its_channel_not_the_host(tmp_path: Path) -> None:
+    """A host driver that raises (a bug, or input it did not expect) loses its
+    channel, rescinded; the guest's other devices and other guests go on."""
+    from .harness import env_with, install_plugin
+
+    source = '''
+import uuid
+from vmbus.device import DeviceSpec, GuestDriver, HostDevice
+from vmbus.channel import Requestor
+
+class Broken(HostDevice):
+    async def serve(self, channel, memory):
+        await channel.receive()
+        raise KeyError("a bug in a device")
+
+class Driver(GuestDriver):
+    def __init__(self, channel):
+        super().__init__(channel)
+        self.requests = Requestor(channel)
+    async def start(self, nursery):
+        nursery.start_soon(self.requests.run)
+
+SPEC = DeviceSpec("broken", uuid.UUID("9a1f3c2e-5b7d-4e6f-8a9b-0c1d2e3f4a5b"), Broken, Driver, ring_pages=2)
+'''
+    site = install_plugin(tmp_path, "broken", source)
+    from vmbus.errors import ChannelRevoked
+
+    with host_process(tmp_path, env=env_with(site)) as host:
+
+        async def body(kernel) -> None:  # noqa: ANN001
+            import pytest
+
+            broken = kernel.device("broken")
+            with pytest.raises(ChannelRevoked):
+                with trio.fail_after(10):
+                    await broken.requests.request(b"boom")
+            assert await kernel.device("echo").echo(b"still here") == b"still here"
+
+        from ..storage.conftest import run_guest as run_in_guest
+
+        run_in_guest(host.socket, body, ram_mib=16)
+        rc, out, err = run_guest(host, "echo-demo", "20", env=env_with(site))
+        assert rc == 0, err
+        snap = host.inspect()
+        assert snap["partitions"] == []
