@@ -54,14 +54,19 @@ class Hypercalls:
             raise HypercallFailed("CONNECT", status)
         return self
 
-    async def _exit(self, what: str, data: bytes, fds: list[int] | None = None) -> tuple[int, list[int]]:
+    async def _roundtrip(self, what: str, data: bytes, fds: list[int] | None = None) -> tuple[bytes, list[int]]:
+        """One exit: send it, wait for the hypervisor's reply, count it."""
         async with self._lock:
             self.exits[what] += 1
             # An exit is not interruptible half-way: a cancelled wait would
             # leave its reply to be taken as the answer to the next exit.
             with trio.CancelScope(shield=True):
                 await send_msg(self.sock, data, fds or [])
-                reply, rfds = await recv_msg(self.sock)
+                return await recv_msg(self.sock)
+
+    async def _exit(self, what: str, data: bytes, fds: list[int] | None = None) -> tuple[int, list[int]]:
+        """An exit answered by a bare HV_STATUS (and perhaps fds)."""
+        reply, rfds = await self._roundtrip(what, data, fds)
         if len(reply) != STATUS.size:
             raise ConnectionError("hypervisor went away")
         return STATUS.unpack(reply)[0], rfds
@@ -93,11 +98,7 @@ class Hypercalls:
     async def io(self, address: int, size: int, *, write: bool = False, value: int = 0) -> int:
         """One trapped register access (port or MMIO): an exit and a round trip.
         Returns the value read (for a write, what the device echoes)."""
-        async with self._lock:
-            self.exits["io"] += 1
-            with trio.CancelScope(shield=True):  # see _exit
-                await send_msg(self.sock, KIND.pack(ExitKind.IO) + IO_BODY.pack(address, size, int(write), 0, value))
-                reply, _ = await recv_msg(self.sock)
+        reply, _ = await self._roundtrip("io", KIND.pack(ExitKind.IO) + IO_BODY.pack(address, size, int(write), 0, value))
         if len(reply) != IO_REPLY.size:
             raise ConnectionError("hypervisor went away")
         status, result = IO_REPLY.unpack(reply)

@@ -406,6 +406,7 @@ class GuestKernel:
             "exits": dict(self.hypercalls.exits),
             "interrupts": self.synic.interrupts,
             "messages": self.synic.messages,
+            "unexpected_messages": self.unexpected_messages,
             "devices": {d.name: d.state.value for d in self.devices.values()},
         }
 

@@ -75,9 +75,6 @@ class GuestRam:
     def xchg64(self, gpa: int, value: int) -> int:
         return lib.pv_xchg64(self._base + gpa, value)
 
-    def fence(self) -> None:
-        lib.pv_fence()
-
     def close(self) -> None:
         self.view.release()
         self._base = None

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 from typing import Any
@@ -127,7 +128,7 @@ async def run_main(program: str, argv: list[str], device_names: list[str] | None
         for name in device_names or []:
             host_cmd += ["--device", name]
         async with trio.open_nursery() as nursery:
-            host = await trio.lowlevel.open_process(host_cmd, stdout=__import__("subprocess").PIPE)
+            host = await trio.lowlevel.open_process(host_cmd, stdout=subprocess.PIPE)
             try:
                 assert host.stdout is not None
                 line = b""

@@ -221,7 +221,8 @@ class IncomingRing(_CRing, IncomingRingBase):
         self._used = ffi.new("size_t *")
 
     def read_packet(self) -> Packet | None:
-        # Same result as the base class, fewer steps: this is the per-packet path.
+        # Same result as the base class (which builds on _next), fewer steps:
+        # this is the per-packet path, so the C ring needs no _next at all.
         return self._packet(lib.pv_ring_next(self._handle, self._pkt))
 
     def poll_packet(self, spins: int) -> Packet | None:
@@ -243,15 +244,6 @@ class IncomingRing(_CRing, IncomingRingBase):
             header = _EMPTY if hlen == 16 else mem[base + 16 : base + hlen]
             return Packet(p.type, p.flags, p.trans_id, header, mem[base + hlen : base + plen])
         return IncomingRingBase.packet_from(self, p.type, p.flags, hlen, plen, p.trans_id, off)
-
-    def _next(self) -> tuple[int, int, int, int, int, int] | None:
-        p = self._pkt
-        rc = lib.pv_ring_next(self._handle, p)
-        if rc == lib.PV_OK:
-            return p.type, p.flags, p.header_len, p.packet_len, p.trans_id, p.ring_offset
-        if rc == lib.PV_EMPTY:
-            return None
-        raise self._corrupt()
 
     def read_into(self, out: Buffer, max_packets: int = 1024, *, payload_only: bool = False) -> ReadBatch:
         """Take up to ``max_packets`` packets, copying them back to back into

@@ -61,17 +61,19 @@ class Doorbell:
         os.eventfd_write(self.fileno(), 1)
         self.rings += 1
 
+    def _count(self, n: int) -> int:
+        self.wakeups += 1
+        self.signals_received += n
+        return n
+
     def try_consume(self) -> int:
         """Read and reset the counter without blocking; 0 if nothing came."""
         if self.blocking:
             raise RuntimeError("a blocking doorbell can only be waited on with wait_blocking()")
         try:
-            n = os.eventfd_read(self.fileno())
+            return self._count(os.eventfd_read(self.fileno()))
         except BlockingIOError:
             return 0
-        self.wakeups += 1
-        self.signals_received += n
-        return n
 
     async def wait(self) -> int:
         """Wait (in trio) until the doorbell has rung; returns how many times."""
@@ -83,21 +85,17 @@ class Doorbell:
 
     def wait_blocking(self, timeout: float | None = None) -> int:
         """Wait without trio (a plain process or thread); 0 on timeout."""
-        if self.blocking and timeout is None:
-            n = os.eventfd_read(self.fileno())
-            self.wakeups += 1
-            self.signals_received += n
-            return n
-        if self._poller is None:
-            self._poller = select.poll()
-            self._poller.register(self.fileno(), select.POLLIN)
         while True:
-            if not self.blocking and (n := self.try_consume()):
+            if timeout is not None or not self.blocking:
+                if self._poller is None:
+                    self._poller = select.poll()
+                    self._poller.register(self.fileno(), select.POLLIN)
+                if not self._poller.poll(None if timeout is None else timeout * 1000):
+                    return 0
+            if self.blocking:  # readable now, or no timeout: one read, blocking until a signal
+                return self._count(os.eventfd_read(self.fileno()))
+            if n := self.try_consume():
                 return n
-            if not self._poller.poll(None if timeout is None else timeout * 1000):
-                return 0
-            if self.blocking:
-                return self.wait_blocking()
 
     def close(self) -> None:
         """Wake any waiter with ClosedResourceError, then close the fd."""

@@ -11,8 +11,6 @@ answered with a status, never a crash.
 
 from __future__ import annotations
 
-import mmap
-import os
 from collections.abc import Sequence
 
 from ring import SharedMemory
@@ -124,8 +122,3 @@ class GuestMemory:
         self._base = None
         self._shm.close()
 
-
-def resident_bytes() -> int:
-    """This process's resident set size, for the memory-cost figures."""
-    with open(f"/proc/{os.getpid()}/statm") as f:
-        return int(f.read().split()[1]) * mmap.PAGESIZE

@@ -30,7 +30,7 @@ import trio
 
 from . import hv
 from .device import DeviceSpec
-from .guest_memory import GuestMemory, GuestMemoryError, resident_bytes
+from .guest_memory import GuestMemory, GuestMemoryError
 from .hypervisor import Partition
 from .server import HOST_VERSIONS, VmbusServer
 from .transport import CONNECT_BODY, KIND, STATUS, ExitKind, Truncated, close_fds, recv_msg, send_msg
@@ -213,10 +213,13 @@ class HostService:
         raise ValueError(f"unknown command {cmd!r}")
 
     def inspect(self) -> dict[str, Any]:
+        import psutil
+
+        me = psutil.Process()
         return {
-            "pid": os.getpid(),
-            "resident_bytes": resident_bytes(),
-            "open_fds": len(os.listdir("/proc/self/fd")),
+            "pid": me.pid,
+            "resident_bytes": me.memory_info().rss,
+            "open_fds": me.num_fds(),
             "rejected_connects": self.rejected_connects,
             "devices": [d.name for d in self.devices],
             "partitions": [

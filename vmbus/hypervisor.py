@@ -92,16 +92,40 @@ class Partition:
             if not data:
                 return  # end of stream: the guest went away
             close_fds(fds)  # after CONNECT no exit carries fds
-            if len(data) >= KIND.size and KIND.unpack_from(data)[0] == ExitKind.IO:
-                await send_msg(self.sock, await self._io(data[KIND.size :]))
-                continue
             try:
-                status, reply_fds = self.handle_exit(data)
+                reply, reply_fds = await self.handle_exit(data)
             except Exception as exc:  # noqa: BLE001 - a guest must never crash the host
                 log.exception("partition %d: exit handling failed", self.id)
                 self.reject("exit", f"internal error: {exc!r}")
-                status, reply_fds = hv.HvStatus.INVALID_PARAMETER, []
-            await send_msg(self.sock, STATUS.pack(status), reply_fds)
+                reply, reply_fds = self._status_reply(data, hv.HvStatus.INVALID_PARAMETER), []
+            await send_msg(self.sock, reply, reply_fds)
+
+    @staticmethod
+    def _status_reply(data: bytes, status: int) -> bytes:
+        """A bare status in the reply format the exit kind expects."""
+        if len(data) >= KIND.size and KIND.unpack_from(data)[0] == ExitKind.IO:
+            return IO_REPLY.pack(status, 0)
+        return STATUS.pack(status)
+
+    async def handle_exit(self, data: bytes) -> tuple[bytes, list[int]]:
+        """One exit to its reply datagram (and any fds to pass back)."""
+        if len(data) < KIND.size:
+            self.exits["malformed"] += 1
+            self.reject("exit", f"{len(data)}-byte datagram")
+            return STATUS.pack(hv.HvStatus.INVALID_HYPERCALL_INPUT), []
+        (kind,) = KIND.unpack_from(data)
+        body = data[KIND.size :]
+        if kind == ExitKind.IO:
+            return await self._io(body), []
+        if kind == ExitKind.HYPERCALL:
+            status, fds = self._hypercall(body)
+            return STATUS.pack(status), fds
+        if kind == ExitKind.WRMSR:
+            self.exits["wrmsr"] += 1
+            return STATUS.pack(self._wrmsr(body)), []
+        self.exits["malformed"] += 1
+        self.reject("exit", f"unknown exit kind {kind}")
+        return STATUS.pack(hv.HvStatus.INVALID_HYPERCALL_INPUT), []
 
     async def _io(self, body: bytes) -> bytes:
         """A trapped register access: route it to the device model at that address."""
@@ -115,31 +139,11 @@ class Partition:
             return IO_REPLY.pack(hv.HvStatus.INVALID_PARAMETER, 0)
         for base, length, model in self.io_regions:
             if base <= addr < base + length:
-                try:
-                    value = await model.access(addr - base, size, bool(write), value & ((1 << (8 * size)) - 1))
-                except Exception as exc:  # noqa: BLE001 - a device model fault is the guest's error, not ours
-                    log.exception("partition %d: device model at %#x failed", self.id, base)
-                    self.reject("io", f"device at {base:#x}: {exc!r}")
-                    return IO_REPLY.pack(hv.HvStatus.INVALID_PARAMETER, 0)
+                # A model that raises is caught in serve(): an error status, never a host crash.
+                value = await model.access(addr - base, size, bool(write), value & ((1 << (8 * size)) - 1))
                 return IO_REPLY.pack(hv.HvStatus.SUCCESS, value)
         # Nothing decodes this address: reads float high, as on a real bus.
         return IO_REPLY.pack(hv.HvStatus.SUCCESS, 0 if write else (1 << (8 * size)) - 1)
-
-    def handle_exit(self, data: bytes) -> tuple[int, list[int]]:
-        if len(data) < KIND.size:
-            self.exits["malformed"] += 1
-            self.reject("exit", f"{len(data)}-byte datagram")
-            return hv.HvStatus.INVALID_HYPERCALL_INPUT, []
-        (kind,) = KIND.unpack_from(data)
-        body = data[KIND.size :]
-        if kind == ExitKind.HYPERCALL:
-            return self._hypercall(body)
-        if kind == ExitKind.WRMSR:
-            self.exits["wrmsr"] += 1
-            return self._wrmsr(body), []
-        self.exits["malformed"] += 1
-        self.reject("exit", f"unknown exit kind {kind}")
-        return hv.HvStatus.INVALID_HYPERCALL_INPUT, []
 
     def _hypercall(self, body: bytes) -> tuple[int, list[int]]:
         if len(body) < CONTROL_WORD.size:

@@ -371,18 +371,22 @@ class VmbusServer:
         ch.state = ChannelState.OFFERED
         log.info("partition %d: channel %d closed", self.partition.id, ch.relid)
 
+    def _doorbell(self, conn_id: int) -> Doorbell | None:
+        """The open channel's doorbell behind a connection id (relid in the low 12 bits)."""
+        ch = self.channels.get(conn_id & 0xFFF)
+        if ch is None or ch.connection_id != conn_id or ch.state is not ChannelState.OPEN:
+            return None
+        return ch.doorbell
+
     def _event_port(self, conn_id: int) -> int | None:
-        for ch in self.channels.values():
-            if ch.connection_id == conn_id and ch.state is ChannelState.OPEN and ch.doorbell is not None:
-                return ch.doorbell.fileno()
-        return None
+        doorbell = self._doorbell(conn_id)
+        return None if doorbell is None else doorbell.fileno()
 
     def _slow_signal(self, conn_id: int) -> bool:
-        for ch in self.channels.values():
-            if ch.connection_id == conn_id and ch.doorbell is not None:
-                ch.doorbell.ring()
-                return True
-        return False
+        doorbell = self._doorbell(conn_id)
+        if doorbell is not None:
+            doorbell.ring()
+        return doorbell is not None
 
     # -- rescind and unload ----------------------------------------------------
 

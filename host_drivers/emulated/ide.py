@@ -34,7 +34,6 @@ class IdePio:
         self.remaining = 0
         self.lba = 0
         self.writing = False
-        self.sectors_moved = 0
 
     def _lba28(self) -> int:
         r = self.regs
@@ -93,7 +92,6 @@ class IdePio:
         if self.pos == SECTOR:
             if write:
                 await trio.to_thread.run_sync(self.disk.writev, [memoryview(self.buffer)], self.lba * SECTOR)
-            self.sectors_moved += 1
             self.remaining -= 1
             self.lba += 1
             if self.remaining == 0:

@@ -59,7 +59,6 @@ class StorvspHost(HostDevice):
         self.max_transfer = int(config.get("max_transfer", DEFAULT_MAX_TRANSFER))
         self.max_subchannels = int(config.get("subchannels", DEFAULT_SUBCHANNELS))
         self.errors: Counter[str] = Counter()
-        self.completed = 0
 
     async def close(self) -> None:
         self.disk.close()
@@ -83,7 +82,6 @@ class StorvspHost(HostDevice):
                 await trio.to_thread.run_sync(self._run_jobs, jobs)
                 for job in jobs:
                     replies.append((self._completion(job), job.trans_id, False, PacketType.COMPLETION, b""))
-                self.completed += len(jobs)
             if replies:
                 await channel.send_many(replies)
 

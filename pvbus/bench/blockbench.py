@@ -4,8 +4,8 @@ paravirtual disk, in one run, and the storage targets as ratios.
 It lays out a disk image (written in full, so reads hit real data), runs
 each workload natively in this process, then starts a ``pvbus host`` on the
 same image and a ``pvbus guest`` running ``blockload.guest_program`` with
-the same workloads, and collects both sides' records.  The host's CPU
-seconds come from its /proc entry.
+the same workloads, and collects both sides' records (``pvbus bench``
+reuses this with the emulated modes added).
 """
 
 from __future__ import annotations
@@ -46,36 +46,39 @@ def lay_out(path: str, size: int) -> None:
         os.fsync(f.fileno())
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def run_guest(image: str, workloads: list[Workload], modes: tuple[str, ...] = ("paravirt",),
+              progress: Any = None) -> list[dict[str, Any]]:
+    """Start a host on ``image`` (with the emulated controllers when a mode
+    needs them) and a guest running ``blockload.guest_program``; return its
+    records, each with the host's CPU seconds spent meanwhile."""
+    import psutil
 
-
-def run_paravirt(image: str, workloads: list[Workload], progress: Any = None) -> list[dict[str, Any]]:
+    host_cmd = [sys.executable, "-m", "pvbus", "host", "--disk", image, "--device", "storage"]
+    if set(modes) - {"paravirt"}:
+        host_cmd.append("--emulated-disks")
     with tempfile.TemporaryDirectory(prefix="pvbus-bench-") as tmp:
         sock = os.path.join(tmp, "host.sock")
-        host = subprocess.Popen([sys.executable, "-m", "pvbus", "host", "--socket", sock, "--disk", image,
-                                 "--device", "storage"], stdout=subprocess.PIPE)
+        host = subprocess.Popen([*host_cmd, "--socket", sock], stdout=subprocess.PIPE)
         try:
             assert host.stdout is not None
             if not host.stdout.readline().startswith(b"ready"):
                 raise RuntimeError("the host did not start")
+            host_cpu = psutil.Process(host.pid)
             guest = subprocess.Popen(
                 [sys.executable, "-m", "pvbus", "guest", "--socket", sock, "--ram", "512", "--program",
-                 "pvbus.bench.blockload:guest_program", "--", encode(workloads)],
+                 "pvbus.bench.blockload:guest_program", "--", encode(workloads), ",".join(modes)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            records = []
             assert guest.stdout is not None
-            cpu_before = _cpu_seconds(host.pid)
+            records = []
+            before = sum(host_cpu.cpu_times()[:2])
             for line in guest.stdout:
                 rec = json.loads(line)
-                cpu_now = _cpu_seconds(host.pid)
-                rec["host_cpu_s"] = round(cpu_now - cpu_before, 3)  # includes the ramp of this workload
-                cpu_before = cpu_now
+                now = sum(host_cpu.cpu_times()[:2])
+                rec["host_cpu_s"], before = round(now - before, 3), now  # includes the workload's ramp
                 records.append(rec)
                 if progress:
-                    progress(f"paravirt {rec['rw']} {rec['bs']} qd{rec['iodepth']}: {rec['iops']:,.0f} IOPS")
-            if guest.wait(timeout=600) != 0:
+                    progress(f"{rec['mode']} {rec['rw']} {rec['bs']} qd{rec['iodepth']}: {rec['mb_per_s']:,.3f} MB/s")
+            if guest.wait(timeout=900) != 0:
                 raise RuntimeError(f"guest failed: {guest.stderr.read().decode()[-2000:] if guest.stderr else ''}")
             return records
         finally:
@@ -83,7 +86,10 @@ def run_paravirt(image: str, workloads: list[Workload], progress: Any = None) ->
             host.wait(timeout=30)
 
 
-def run(workloads: list[Workload], progress: Any = None, image: str | None = None) -> dict[str, Any]:
+def run(workloads: list[Workload], progress: Any = None, image: str | None = None,
+        modes: tuple[str, ...] = ("paravirt",), targets: Any = None) -> dict[str, Any]:
+    """Native in this process, then ``modes`` through a guest, on one laid-out
+    image; ``targets`` turns the records into the targets list."""
     from .ringbench import machine_info
 
     size = max(w.size for w in workloads)
@@ -97,22 +103,22 @@ def run(workloads: list[Workload], progress: Any = None, image: str | None = Non
             if progress:
                 progress(f"native {wl.rw} {wl.bs} qd{wl.iodepth}")
             records.append(run_native(path, wl))
-        records += run_paravirt(path, workloads, progress)
-    return {"machine": machine_info(), "records": records, "targets": evaluate(records)}
+        records += run_guest(path, workloads, modes, progress)
+    return {"machine": machine_info(), "records": records, "targets": (targets or evaluate)(records)}
 
 
-def _find(records: list[dict[str, Any]], mode: str, rw: str, bs: int, qd: int) -> dict[str, Any] | None:
+def find_record(records: list[dict[str, Any]], mode: str, rw: str, bs: int, qd: int) -> dict[str, Any] | None:
     return next((r for r in records if (r["mode"], r["rw"], r["bs"], r["iodepth"]) == (mode, rw, bs, qd)), None)
 
 
 def evaluate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    pv, nat = _find(records, "paravirt", "read", 1 << 20, 4), _find(records, "native", "read", 1 << 20, 4)
+    pv, nat = find_record(records, "paravirt", "read", 1 << 20, 4), find_record(records, "native", "read", 1 << 20, 4)
     if pv and nat:
         r = pv["mb_per_s"] / nat["mb_per_s"]
         out.append({"target": "seq 1 MiB read QD4 >= 0.9x native MB/s", "ratio": r, "met": r >= 0.9,
                     "detail": f"{pv['mb_per_s']:,.0f} vs {nat['mb_per_s']:,.0f} MB/s"})
-    pv, nat = _find(records, "paravirt", "randread", 4096, 32), _find(records, "native", "randread", 4096, 32)
+    pv, nat = find_record(records, "paravirt", "randread", 4096, 32), find_record(records, "native", "randread", 4096, 32)
     if pv and nat:
         r = pv["iops"] / nat["iops"]
         out.append({"target": "rand 4 KiB read QD32 >= 0.5x native IOPS", "ratio": r, "met": r >= 0.5,
@@ -131,7 +137,7 @@ def render(result: dict[str, Any], title: str) -> None:
     for col in ("mode", "rw", "bs", "qd", "IOPS", "MB/s", "p50 us", "p99 us", "exits/IO"):
         table.add_column(col, justify="left" if col in ("mode", "rw") else "right")
     for r in sorted(result["records"], key=lambda r: (r["rw"], r["bs"], r["iodepth"], r["mode"])):
-        table.add_row(r["mode"], r["rw"], _bs(r["bs"]), str(r["iodepth"]), f"{r['iops']:,.3g}" if r["iops"] < 10 else f"{r['iops']:,.0f}",
+        table.add_row(r["mode"], r["rw"], size_label(r["bs"]), str(r["iodepth"]), f"{r['iops']:,.3g}" if r["iops"] < 10 else f"{r['iops']:,.0f}",
                       f"{r['mb_per_s']:,.3g}" if r["mb_per_s"] < 10 else f"{r['mb_per_s']:,.0f}",
                       _us(r["lat_p50_us"]), _us(r["lat_p99_us"]), f"{r['exits_per_io']:,.3f}")
     console.print(table)
@@ -142,7 +148,7 @@ def _us(v: float | None) -> str:
     return "" if v is None else f"{v:,.1f}"
 
 
-def _bs(n: int) -> str:
+def size_label(n: int) -> str:
     return f"{n >> 20}M" if n >= 1 << 20 else f"{n >> 10}K" if n >= 1024 else str(n)
 
 

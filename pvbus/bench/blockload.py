@@ -21,6 +21,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -60,71 +61,86 @@ def _histogram() -> HdrHistogram:
     return HdrHistogram(1, 60_000_000_000, 3)
 
 
-class _Clock:
-    """Ramp, then measure for ``runtime`` seconds.  ``tick`` says whether to
-    go on and whether the measured window just began (counters restart)."""
+Counters = Callable[[], tuple[int, int, int]]  # exits, interrupts, bytes moved
 
-    def __init__(self, wl: Workload) -> None:
+
+def _no_counters() -> tuple[int, int, int]:
+    return 0, 0, 0
+
+
+def _guest_counters(kernel: Any, disk: Any = None) -> Counters:
+    """The guest kernel's own exit and interrupt counts (and a PIO disk's bytes)."""
+    return lambda: (sum(kernel.hypercalls.exits.values()), kernel.synic.interrupts, getattr(disk, "bytes_moved", 0))
+
+
+class _Window:
+    """Ramp, then measure for ``runtime`` seconds: latencies, I/Os, and the
+    counters' growth inside the window.  Everything restarts when the ramp
+    ends; a device too slow to finish a request within the ramp is measured
+    from the start instead."""
+
+    def __init__(self, wl: Workload, counters: Counters = _no_counters) -> None:
+        self.wl = wl
+        self._counters = counters
         self.start = time.perf_counter()
         self.measuring = self.start + wl.ramp
         self.end = self.measuring + wl.runtime
         self.t_measure: float | None = None
+        self._reset()
 
-    def tick(self) -> tuple[bool, bool]:
+    def _reset(self) -> None:
+        self.ios = 0
+        self.hist = _histogram()
+        self.base = self._counters()
+        self.cpu0 = time.process_time()
+
+    def going(self) -> bool:
         now = time.perf_counter()
         if now >= self.end:
-            return False, False
+            return False
         if self.t_measure is None and now >= self.measuring:
             self.t_measure = now
-            return True, True
-        return True, False
+            self._reset()
+        return True
 
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - (self.t_measure or self.start)
+    def record(self, ns: int, count: int = 1) -> None:
+        for _ in range(count):
+            self.hist.record_value(max(1, ns))
+        self.ios += count
 
-
-def _summary(wl: Workload, mode: str, ios: int, seconds: float, hist: HdrHistogram, extra: dict[str, Any]) -> dict[str, Any]:
-    pct = hist.get_value_at_percentile
-    if hist.get_total_count() == 0:  # no request finished in time (emulated, large I/O)
-        pct = lambda _p: None  # noqa: E731
-    return {
-        "mode": mode, "rw": wl.rw, "bs": wl.bs, "iodepth": wl.iodepth, "ios": ios, "seconds": round(seconds, 4),
-        "iops": ios / seconds, "mb_per_s": ios * wl.bs / seconds / 1e6,
-        **{f"lat_{name}_us": None if pct(p) is None else pct(p) / 1000
-           for name, p in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100))},
-        **extra,
-    }
+    def result(self, mode: str, *, by_bytes: bool = False, **extra: Any) -> dict[str, Any]:
+        """The record; ``by_bytes`` counts I/Os by the bytes the device moved
+        (a request cut off by the end of the window counts for its part)."""
+        wl = self.wl
+        seconds = time.perf_counter() - (self.t_measure or self.start)
+        exits, interrupts, moved = (now - then for now, then in zip(self._counters(), self.base, strict=True))
+        ios = moved / wl.bs if by_bytes else self.ios
+        pct = self.hist.get_value_at_percentile
+        finished = self.hist.get_total_count() > 0  # none, for a large emulated request
+        return {
+            "mode": mode, "rw": wl.rw, "bs": wl.bs, "iodepth": wl.iodepth, "ios": ios, "seconds": round(seconds, 4),
+            "iops": ios / seconds, "mb_per_s": ios * wl.bs / seconds / 1e6,
+            **{f"lat_{name}_us": pct(p) / 1000 if finished else None
+               for name, p in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100))},
+            "exits_per_io": exits / max(ios, 1e-9), "interrupts_per_io": interrupts / max(ios, 1e-9),
+            "guest_cpu_s": time.process_time() - self.cpu0, **extra,
+        }
 
 
 def run_native(path: str, wl: Workload) -> dict[str, Any]:
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    buf = bytearray(os.urandom(wl.bs))
-    view = [memoryview(buf)]
+    view = [memoryview(bytearray(os.urandom(wl.bs)))]
+    io = os.pwritev if wl.write else os.preadv
     offsets = wl.offsets()
-    hist = _histogram()
-    ios = 0
-    cpu0 = time.process_time()
     try:
-        clock = _Clock(wl)
-        while True:
-            going, restart = clock.tick()
-            if not going:
-                break
-            if restart:
-                ios, hist = 0, _histogram()
+        window = _Window(wl)
+        while window.going():
             t0 = time.perf_counter_ns()
-            if wl.write:
-                os.pwritev(fd, view, next(offsets))
-            else:
-                os.preadv(fd, view, next(offsets))
-            hist.record_value(max(1, time.perf_counter_ns() - t0))
-            ios += 1
-        seconds = clock.seconds
+            io(fd, view, next(offsets))
+            window.record(time.perf_counter_ns() - t0)
     finally:
         os.close(fd)
-    return _summary(wl, "native", ios, seconds, hist, {
-        "exits_per_io": 0.0, "interrupts_per_io": 0.0, "guest_cpu_s": time.process_time() - cpu0, "host_cpu_s": 0.0})
+    return window.result("native", host_cpu_s=0.0)
 
 
 async def run_paravirt(kernel: Any, wl: Workload) -> dict[str, Any]:
@@ -136,39 +152,20 @@ async def run_paravirt(kernel: Any, wl: Workload) -> dict[str, Any]:
     buffers = [disk.buffer(wl.bs) for _ in range(wl.iodepth)]
     for b in buffers:
         b.view[:] = os.urandom(wl.bs)
+    op = "write" if wl.write else "read"
     offsets = wl.offsets()
-    hist = _histogram()
-    ios = 0
-    exits0 = interrupts0 = 0
-    cpu0 = time.process_time()
-    clock = _Clock(wl)
-    while True:
-        going, restart = clock.tick()
-        if not going:
-            break
-        if restart:
-            ios, hist = 0, _histogram()
-            exits0 = sum(kernel.hypercalls.exits.values())
-            interrupts0 = kernel.synic.interrupts
-            cpu0 = time.process_time()
-        op = "write" if wl.write else "read"
+    window = _Window(wl, _guest_counters(kernel))
+    while window.going():
         batch = [BlockRequest(op, next(offsets), wl.bs, buffer=b) for b in buffers]
         t0 = time.perf_counter_ns()
         for res in await disk.submit(batch):
             if res.error:
                 raise res.error
-        lat = max(1, time.perf_counter_ns() - t0)
-        for _ in batch:
-            hist.record_value(lat)
-        ios += len(batch)
-    seconds = clock.seconds
+        window.record(time.perf_counter_ns() - t0, len(batch))
+    result = window.result("paravirt")
     for b in buffers:
         b.free()
-    exits = sum(kernel.hypercalls.exits.values()) - exits0
-    interrupts = kernel.synic.interrupts - interrupts0
-    return _summary(wl, "paravirt", ios, seconds, hist, {
-        "exits_per_io": exits / max(ios, 1), "interrupts_per_io": interrupts / max(ios, 1),
-        "guest_cpu_s": time.process_time() - cpu0})
+    return result
 
 
 async def run_trapped(kernel: Any, wl: Workload, mode: str, disk: Any = None) -> dict[str, Any]:
@@ -186,26 +183,11 @@ async def run_trapped(kernel: Any, wl: Workload, mode: str, disk: Any = None) ->
         disk = await kernel.emulated_disk("dma" if mode == "fullvirt" else "ide")
     data = os.urandom(wl.bs)
     offsets = wl.offsets()
-    hist = _histogram()
-    clock = _Clock(wl)
     buffer = DmaBuffer(kernel.ram, wl.bs)
     buffer.view[:] = data
-    ios = 0.0
-    # Counted from the start; restarted when the ramp ends (a slow device may
-    # not finish one request within the ramp: then the ramp counts too).
-    exits0, interrupts0 = sum(kernel.hypercalls.exits.values()), kernel.synic.interrupts
-    moved0 = getattr(disk, "bytes_moved", 0)
-    cpu0 = time.process_time()
+    window = _Window(wl, _guest_counters(kernel, disk))
     with trio.move_on_at(trio.current_time() + wl.ramp + wl.runtime):
-        while True:
-            going, restart = clock.tick()
-            if not going:
-                break
-            if restart:
-                ios, hist = 0.0, _histogram()
-                exits0, interrupts0 = sum(kernel.hypercalls.exits.values()), kernel.synic.interrupts
-                moved0 = getattr(disk, "bytes_moved", 0)
-                cpu0 = time.process_time()
+        while window.going():
             t0 = time.perf_counter_ns()
             if mode == "fullvirt":
                 await disk.transfer(wl.write, next(offsets), buffer)
@@ -213,18 +195,9 @@ async def run_trapped(kernel: Any, wl: Workload, mode: str, disk: Any = None) ->
                 await disk.write(next(offsets), data)
             else:
                 await disk.read(next(offsets), wl.bs)
-            hist.record_value(max(1, time.perf_counter_ns() - t0))
-            ios += 1
-    if mode == "emulated":
-        ios = (disk.bytes_moved - moved0) / wl.bs  # whole and partial requests alike
+            window.record(time.perf_counter_ns() - t0)
     buffer.free()
-    exits = sum(kernel.hypercalls.exits.values()) - exits0
-    interrupts = kernel.synic.interrupts - interrupts0
-    result = _summary(wl, mode, 0, clock.seconds, hist, {
-        "exits_per_io": exits / max(ios, 1e-9), "interrupts_per_io": interrupts / max(ios, 1e-9),
-        "guest_cpu_s": time.process_time() - cpu0})
-    result.update(ios=ios, iops=ios / result["seconds"], mb_per_s=ios * wl.bs / result["seconds"] / 1e6)
-    return result
+    return window.result(mode, by_bytes=mode == "emulated")
 
 
 async def guest_program(kernel: Any, argv: list[str]) -> int:

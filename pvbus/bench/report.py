@@ -18,8 +18,9 @@ COLORS = {"native": "#4c72b0", "paravirt": "#55a868", "fullvirt": "#dd8452", "em
 
 
 def _label(r: dict[str, Any]) -> str:
-    bs = f"{r['bs'] >> 20}M" if r["bs"] >= 1 << 20 else f"{r['bs'] >> 10}K"
-    return f"{r['rw']} {bs} qd{r['iodepth']}"
+    from .blockbench import size_label
+
+    return f"{r['rw']} {size_label(r['bs'])} qd{r['iodepth']}"
 
 
 def _grouped(records: list[dict[str, Any]]) -> tuple[list[str], dict[str, dict[str, dict[str, Any]]]]:

@@ -215,18 +215,15 @@ def evaluate_targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         targets.append({"target": "64 KiB MB/s >= 1.5x raw pipe", "ratio": ratio, "met": ratio >= 1.5,
                         "detail": f"ring {ring_64k['mode']} {ring_64k['mb_per_s']:.0f} MB/s vs pipe "
                                   f"{pipe_64k['mb_per_s']:.0f} MB/s"})
-    pipe_rtt = _find(records, "os.pipe", 64, "blocking/single")
-    poll_rtt = _find(records, "pvbus.ring", 64, "polling/single")
-    if pipe_rtt and poll_rtt:
-        ratio = poll_rtt["rtt_p50_us"] / pipe_rtt["rtt_p50_us"]
-        targets.append({"target": "polling RTT p50 <= 0.5x raw pipe", "ratio": ratio, "met": ratio <= 0.5,
-                        "detail": f"{poll_rtt['rtt_p50_us']:.2f} us vs {pipe_rtt['rtt_p50_us']:.2f} us"})
-    mp_rtt = _find(records, "multiprocessing.Pipe", 64, "blocking/single")
-    int_rtt = _find(records, "pvbus.ring", 64, "interrupt/single")
-    if mp_rtt and int_rtt:
-        ratio = int_rtt["rtt_p50_us"] / mp_rtt["rtt_p50_us"]
-        targets.append({"target": "interrupt RTT p50 <= multiprocessing.Pipe", "ratio": ratio, "met": ratio <= 1.0,
-                        "detail": f"{int_rtt['rtt_p50_us']:.2f} us vs {mp_rtt['rtt_p50_us']:.2f} us"})
+    for ring_mode, peer, limit, name in (
+        ("polling/single", "os.pipe", 0.5, "polling RTT p50 <= 0.5x raw pipe"),
+        ("interrupt/single", "multiprocessing.Pipe", 1.0, "interrupt RTT p50 <= multiprocessing.Pipe"),
+    ):
+        ring_rtt, peer_rtt = _find(records, "pvbus.ring", 64, ring_mode), _find(records, peer, 64, "blocking/single")
+        if ring_rtt and peer_rtt:
+            ratio = ring_rtt["rtt_p50_us"] / peer_rtt["rtt_p50_us"]
+            targets.append({"target": name, "ratio": ratio, "met": ratio <= limit,
+                            "detail": f"{ring_rtt['rtt_p50_us']:.2f} us vs {peer_rtt['rtt_p50_us']:.2f} us"})
     batched = [r for r in records if r["transport"] == "pvbus.ring" and r["mode"] == "interrupt/batched"]
     if batched:
         worst = max(r["signals_per_msg"] for r in batched)

@@ -27,7 +27,15 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ring import CONTROL_SIZE, Doorbell, IncomingRing, OutgoingRing, RingFull, SharedMemory
+from ring import (
+    CONTROL_SIZE,
+    Doorbell,
+    IncomingRing,
+    OutgoingRing,
+    RingFull,
+    SharedMemory,
+)
+from ring._layout import DESCRIPTOR_SIZE, TRAILER_SIZE, pad8
 
 from . import workload
 
@@ -36,7 +44,7 @@ POLL_SPINS = 200_000  # about a millisecond of spinning before the doorbell
 
 def packet_total(payload: int) -> int:
     """Ring bytes one in-band packet of ``payload`` bytes takes, trailer included."""
-    return 16 + ((payload + 7) & ~7) + 8
+    return DESCRIPTOR_SIZE + pad8(payload) + TRAILER_SIZE
 
 
 @dataclass

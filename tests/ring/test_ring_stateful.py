@@ -8,6 +8,7 @@ from __future__ import annotations
 import array
 from collections import deque
 
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -145,4 +146,4 @@ class RingMachine(RuleBasedStateMachine):
 
 
 TestRingMachine = RingMachine.TestCase
-TestRingMachine.settings = __import__("hypothesis").settings(max_examples=200, stateful_step_count=60, deadline=None)
+TestRingMachine.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)
