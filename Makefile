@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-SOURCES := setup.py pyproject.toml ring/_ring_build.py $(wildcard ring/csrc/*)
+SOURCES := setup.py pyproject.toml $(wildcard */_*_build.py */*/_*_build.py */csrc/* */*/csrc/*)
 
 .PHONY: all install run test bench clean
 

@@ -40,6 +40,11 @@ class _CRing:
             raise ValueError("ring buffer is not 8-aligned in memory or has a bad length")
         # PV_CORRUPT at attach is sticky in the handle: the first use raises.
 
+    def corruption(self) -> RingCorrupt:
+        """The error describing why this ring is corrupt (for a caller whose
+        own C found out, through ``c_address``)."""
+        return self._corrupt()
+
     def _corrupt(self) -> RingCorrupt:
         h = self._handle
         reason = h.corrupt_reason
@@ -53,6 +58,13 @@ class _CRing:
     @property
     def corrupt(self) -> bool:
         return bool(self._handle.corrupt_reason)
+
+    @property
+    def c_address(self) -> int:
+        """Address of this side's ``pv_ring`` handle, for another cffi module
+        built with ``ring.h`` (a device's C fast path).  Valid while this
+        object lives; its user must be the ring side's only user meanwhile."""
+        return int(ffi.cast("uintptr_t", self._handle))
 
 
 class OutgoingRing(_CRing, OutgoingRingBase):

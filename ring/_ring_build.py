@@ -1,9 +1,15 @@
-"""cffi build script for the ring's C core (API mode).
+"""cffi build script for the ring's C core (API mode), and the helper every
+C module of the project is built with.
 
 `setup.py` names this file in ``cffi_modules``; the C is compiled when the
 package is installed and lands as ``ring._ring_c``.  ``csrc/ring.h`` is both
 the cdef and the C header, so the layout cannot drift between the two; the
 compiler, not cffi, decides every struct layout and constant value.
+
+Device fast paths (``host_drivers/storage/_storvsp_build.py``, ...) call
+``c_module`` too: each compiles ``ring.c`` into its own extension, so its C
+drives the very ``pv_ring`` handles the Python rings own (a handle crosses
+modules as an address; the struct comes from the same header).
 """
 
 from __future__ import annotations
@@ -12,20 +18,32 @@ from pathlib import Path
 
 from cffi import FFI
 
-_HERE = Path(__file__).resolve().parent
-_CSRC = _HERE / "csrc"
+ROOT = Path(__file__).resolve().parent.parent
+RING_CSRC = Path(__file__).resolve().parent / "csrc"
+CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
 
-ffibuilder = FFI()
-_HEADERS = ("ring.h", "shmops.h")
-_SOURCES = ("ring.c", "shmops.c")
 
-ffibuilder.cdef("\n".join((_CSRC / h).read_text() for h in _HEADERS))
-ffibuilder.set_source(
+def c_module(name: str, headers: list[Path], sources: list[Path], include_dirs: list[Path]) -> FFI:
+    """An API-mode builder for ``name``: ``headers`` are the cdef and are
+    included in that order (each is plain declarations); ``sources`` are
+    compiled in."""
+    builder = FFI()
+    builder.cdef("\n".join(h.read_text() for h in headers))
+    builder.set_source(
+        name,
+        "#include <stdint.h>\n#include <stddef.h>\n" + "".join(f'#include "{h.name}"\n' for h in headers),
+        sources=[str(c.relative_to(ROOT)) for c in sources],
+        include_dirs=[str(d.relative_to(ROOT)) for d in include_dirs],
+        extra_compile_args=CFLAGS,
+    )
+    return builder
+
+
+ffibuilder = c_module(
     "ring._ring_c",
-    "#include <stdint.h>\n#include <stddef.h>\n" + "".join(f'#include "{h}"\n' for h in _HEADERS),
-    sources=[str((_CSRC / c).relative_to(_HERE.parent)) for c in _SOURCES],
-    include_dirs=[str(_CSRC.relative_to(_HERE.parent))],
-    extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+    [RING_CSRC / "ring.h", RING_CSRC / "shmops.h"],
+    [RING_CSRC / "ring.c", RING_CSRC / "shmops.c"],
+    [RING_CSRC],
 )
 
 if __name__ == "__main__":

@@ -70,6 +70,10 @@ class Channel:
         self.polls_hit = 0
         # Host side, primary channels only: ask the bus to offer sub-channels.
         self.request_subchannels: Callable[[int], int] | None = None
+        # The eventfd the peer's signals arrive on, for a device that serves
+        # the rings from a worker thread (it polls a dup of it; ``wait``
+        # stays the way for tasks).  None where the side has no such fd.
+        self.event_fd: int | None = None
 
     def _check(self) -> None:
         if self.revoked:
@@ -113,22 +117,29 @@ class Channel:
                           packet_type=ptype, header=header)
             except RingFull as full:
                 if staged:  # publish what we have; then the room we need is just this packet's
-                    self._commit()
+                    self.commit_write()
                     staged = 0
                     continue
-                self.stats.ring_full_waits += 1
-                if not out.arm_pending_send(full.needed):
-                    await self.wait_interrupt()
-                out.clear_pending_send()
+                await self.wait_for_room(full.needed)
                 continue
             i += 1
             staged += 1
             self.stats.packets_sent += 1
-        self._commit()
+        self.commit_write()
 
-    def _commit(self) -> None:
+    def commit_write(self) -> None:
+        """Publish everything staged; signal if the ring says so."""
         if self.outgoing.commit():
             self.signal()
+
+    async def wait_for_room(self, needed: int) -> None:
+        """Nothing staged and no room for ``needed`` bytes: ask the reader to
+        signal once there is (pending_send_sz) and sleep until then."""
+        self._check()
+        self.stats.ring_full_waits += 1
+        if not self.outgoing.arm_pending_send(needed):
+            await self.wait_interrupt()
+        self.outgoing.clear_pending_send()
 
     async def complete(self, trans_id: int, payload: bytes | memoryview = b"") -> None:
         await self.send(payload, trans_id=trans_id, packet_type=PacketType.COMPLETION)
@@ -148,18 +159,35 @@ class Channel:
         except RingCorrupt:
             self.stats.corrupt = True
             raise
-        if got and inc.commit():
-            self.signal()
-        self.stats.packets_received += len(got)
+        if got:
+            self.commit_read(len(got))
         return got
+
+    def commit_read(self, packets: int) -> None:
+        """Release what a drain took (``packets`` of them): one index store,
+        and a signal if a writer waits for that room."""
+        self.stats.packets_received += packets
+        if self.incoming.commit():
+            self.signal()
 
     async def receive(self, limit: int = 256) -> list[Packet]:
         """The next batch of packets (at least one), copied out of the ring."""
+        return await self.drain(lambda: self._take(limit))
+
+    async def drain(self, take: Callable[[], Any]) -> Any:
+        """Call ``take`` with interrupts masked until it returns something
+        truthy; in between poll (``poll_spins``), unmask, re-check and sleep.
+        ``take`` reads packets itself (``_take``, or a device's C reaper) and
+        releases them with ``commit_read``."""
         inc = self.incoming
         while True:
             self._check()
             inc.mask()
-            got = self._take(limit)
+            try:
+                got = take()
+            except RingCorrupt:
+                self.stats.corrupt = True
+                raise
             if got:
                 return got  # still masked: the next call drains before sleeping
             if self.poll_spins and inc.poll(self.poll_spins):
@@ -184,7 +212,7 @@ class _Batch:
     def __init__(self, count: int) -> None:
         self.remaining = count
         self.done = trio.Event()
-        self.results: dict[int, Packet] = {}
+        self.results: dict[int, Any] = {}
 
 
 class Requestor:
@@ -195,8 +223,14 @@ class Requestor:
         self._slots: list[_Batch | None] = [None] * capacity
         self._free = list(range(capacity, 0, -1))
         self._room = trio.Condition()
+        self._waiting_for_room = 0
         self.stray_completions = 0
         self.failed_in_flight = 0  # requests woken by a rescind before their completion came
+
+    @property
+    def outstanding(self) -> int:
+        """Requests sent and not yet answered."""
+        return len(self._slots) - len(self._free)
 
     async def request(self, payload: bytes | Sequence[bytes], **kwargs: Any) -> Packet:
         """Send ``payload`` with completion requested; return the completion."""
@@ -212,9 +246,13 @@ class Requestor:
                 take = min(count - len(tids), len(self._free))
                 tids.extend(self._free.pop() for _ in range(take))
             else:
-                async with self._room:
-                    while not self._free:
-                        await self._room.wait()
+                self._waiting_for_room += 1
+                try:
+                    async with self._room:
+                        while not self._free:
+                            await self._room.wait()
+                finally:
+                    self._waiting_for_room -= 1
         return tids
 
     async def request_many(self, items: Sequence[tuple[Any, int, bytes]]) -> list[Packet]:
@@ -222,16 +260,25 @@ class Requestor:
         one ring commit where they fit; return their completions in order."""
         if not items:
             return []
-        tids: list[int] = []
-        try:
-            tids = await self._take_slots(len(items))
-            batch = _Batch(len(tids))
-            for tid in tids:
-                self._slots[tid - 1] = batch
+
+        async def send(tids: list[int]) -> None:
             await self.channel.send_many(
                 [(payload, tid, True, ptype, header) for (payload, ptype, header), tid in zip(items, tids)]
             )
-            await batch.done.wait()
+
+        return await self.transact(len(items), send)
+
+    async def transact(self, count: int, send: Callable[[list[int]], Awaitable[None]]) -> list[Any]:
+        """Take ``count`` transaction ids, ``send`` the requests under them,
+        and return the answers in id order (whatever ``settle`` recorded)."""
+        tids: list[int] = []
+        try:
+            tids = await self._take_slots(count)
+            batch = _Batch(len(tids))
+            for tid in tids:
+                self._slots[tid - 1] = batch
+            await send(tids)
+            await self.wait(batch)
             if batch.remaining:
                 raise ChannelRevoked(f"channel {self.channel.relid} was rescinded")
             return [batch.results[t] for t in tids]
@@ -239,21 +286,31 @@ class Requestor:
             for tid in tids:
                 self._slots[tid - 1] = None
                 self._free.append(tid)
-            if tids:
+            if tids and self._waiting_for_room:  # (taking the lock is a checkpoint: only if needed)
                 async with self._room:
                     self._room.notify_all()
 
+    async def wait(self, batch: _Batch) -> None:
+        """Until every request of ``batch`` is answered (or the channel goes);
+        a subclass may poll here instead of sleeping at once."""
+        await batch.done.wait()
+
     def deliver(self, pkt: Packet) -> bool:
         """Hand a completion to its waiter; False (and counted) if no such request."""
-        tid = pkt.trans_id
-        if pkt.type != PacketType.COMPLETION or not 1 <= tid <= len(self._slots):
+        return self.settle(pkt.trans_id, pkt.type, pkt)
+
+    def settle(self, tid: int, packet_type: int, result: Any) -> bool:
+        """Record ``result`` as the answer to request ``tid`` (what the
+        waiter gets back); False, counted as stray, unless ``tid`` is
+        outstanding, unanswered, and this is a completion packet."""
+        if packet_type != PacketType.COMPLETION or not 1 <= tid <= len(self._slots):
             self.stray_completions += 1
             return False
         batch = self._slots[tid - 1]
         if batch is None or tid in batch.results:
             self.stray_completions += 1
             return False
-        batch.results[tid] = pkt
+        batch.results[tid] = result
         batch.remaining -= 1
         if batch.remaining == 0:
             batch.done.set()

@@ -40,6 +40,13 @@ class GuestMemory:
     def fd(self) -> int:
         return self._shm.fd
 
+    @property
+    def c_address(self) -> int:
+        """Where the RAM is mapped, for C fast paths: they index it only
+        through ``vmbus/csrc/guest_pages.h``, which applies the same checks
+        as ``iovec``.  Valid until ``close``."""
+        return int(ffi.cast("uintptr_t", self._base))
+
     def check_range(self, gpa: int, length: int) -> None:
         # Overflow-safe: gpa > size or length > size - gpa (never gpa + length).
         if gpa < 0 or length < 0 or gpa > self.size or length > self.size - gpa:

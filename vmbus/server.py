@@ -327,6 +327,7 @@ class VmbusServer:
 
         ch.channel = Channel(relid, outgoing, incoming, lambda: part.interrupt(relid), wait)
         ch.channel.sub_index = ch.sub_index
+        ch.channel.event_fd = ch.doorbell.fileno()
         if not ch.sub_index:
             ch.channel.request_subchannels = lambda count: self.offer_subchannels(relid, count)
         ch.ring_gpadl = g.gpadl_id

@@ -16,22 +16,22 @@ reads or writes them in place.  ``BlockFile`` gives a file-like view.
 
 from __future__ import annotations
 
-import itertools
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from ring import GpaRange, PacketType
+from ring import GpaRange, Packet, PacketType
 from ring._api import encode_gpa_direct_header
-from vmbus.channel import Channel, Requestor
+from vmbus.channel import Channel
 from vmbus.device import GuestDriver
 from vmbus.errors import ChannelRevoked
 from vmbus.protocols import storvsc as S
 
 from ..memory import DmaBuffer
+from .storvsc_queue import DEFAULT_POLL_US, DiskQueue
 
 PAGE = 4096
 SUBCHANNEL_WAIT = 5.0
@@ -64,20 +64,30 @@ class BlockResult:
     error: BlockError | None = None
 
 
+@dataclass(slots=True)
+class _Op:
+    """One request on its way: what is sent, the pages it uses, its result."""
+
+    length: int
+    pfn: int = 0
+    owned_pages: int = 0  # pages the driver allocated (freed after), 0 for the caller's buffer
+    read_back: bool = False  # copy the data out of those pages into the result
+    io: tuple[bool, bool, int, int, int] | None = None  # a read/write the C path builds
+    command: tuple[bytes, bool] | None = None  # any other SCSI command: CDB, data in
+    result: BlockResult = field(default_factory=BlockResult)
+
+
 class StorvscDriver(GuestDriver):
     subchannels_wanted = 3
-    # Spins to poll for completions before sleeping on the SynIC interrupt
-    # (``Channel.poll_spins``).  Off: today a completion takes longer than a
-    # useful spin, so polling only burns CPU; worth turning on once the host's
-    # per-request path is fast.
-    poll_spins = 0
+    # How long a submitter polls for its completions before sleeping on the
+    # SynIC interrupt (``DiskQueue.poll_us``); 0 = pure interrupt mode.
+    poll_us = DEFAULT_POLL_US
 
     def __init__(self, channel: Channel) -> None:
         super().__init__(channel)
-        channel.poll_spins = self.poll_spins
-        self.queues: list[Requestor] = [Requestor(channel, capacity=self._capacity(channel))]
-        self._next_queue = itertools.count()
         self.block_size = 512
+        self.queues: list[DiskQueue] = [self._queue(channel)]
+        self.queues[0].group = self.queues  # every queue polls all of them
         self.capacity = 0
         self.max_transfer = 0
         self.version = 0
@@ -85,10 +95,10 @@ class StorvscDriver(GuestDriver):
         self._subchannels_expected = 0
         self._subchannels_ready = trio.Event()
 
-    @staticmethod
-    def _capacity(channel: Channel) -> int:
+    def _queue(self, channel: Channel) -> DiskQueue:
         # Linux: (ring - 4096) / 360 outstanding requests per channel
-        return max(1, min(256, channel.outgoing.data_size // 360))
+        capacity = max(1, min(256, channel.outgoing.data_size // 360))
+        return DiskQueue(channel, capacity, self.block_size, self.poll_us)
 
     async def start(self, nursery: Any) -> None:
         nursery.start_soon(self.queues[0].run)
@@ -114,14 +124,16 @@ class StorvscDriver(GuestDriver):
         cap = await self._scsi(bytes([S.Opcode.SERVICE_ACTION_IN_16, S.READ_CAPACITY_16_ACTION]) + bytes(8)
                                + struct.pack(">I", 32) + bytes(2), data_in=True, length=32)
         last_lba, self.block_size = struct.unpack_from(">QI", cap)
+        for queue in self.queues:
+            queue.block_size = self.block_size
         self.capacity = (last_lba + 1) * self.block_size
         mode = await self._scsi(bytes([S.Opcode.MODE_SENSE_6, 0, 0x08, 0, 64, 0]), data_in=True, length=64)
         self.read_only = bool(mode[2] & 0x80)
 
     async def add_subchannel(self, channel: Channel, nursery: Any) -> None:
-        channel.poll_spins = self.poll_spins
-        queue = Requestor(channel, capacity=self._capacity(channel))
+        queue = self._queue(channel)
         self.queues.append(queue)
+        queue.group = self.queues
         nursery.start_soon(queue.run)
         if len(self.queues) - 1 >= self._subchannels_expected:
             self._subchannels_ready.set()
@@ -154,18 +166,10 @@ class StorvscDriver(GuestDriver):
             raise ValueError(f"{length} bytes exceed the largest transfer, {self.max_transfer}")
 
     def _cdb(self, req: BlockRequest) -> tuple[bytes, bool, int, bytes]:
-        if req.op in ("read", "write"):
-            if req.buffer is not None:
-                length = req.length or len(req.buffer.view)
-                if length > len(req.buffer.view):
-                    raise ValueError("request longer than its buffer")
-            else:
-                length = req.length if req.op == "read" else len(req.data)
-            self._check(req.offset, length)
-            cdb = S.read_write_cdb(req.op == "write", req.offset // self.block_size, length // self.block_size,
-                                   fua=req.fua)
-            out = b"" if req.op == "read" or req.buffer is not None else bytes(req.data)
-            return cdb, req.op == "read", length, out
+        """The SCSI command of a request the C path does not build."""
+        if req.op in ("read", "write"):  # zero length: a valid no-op command
+            self._check(req.offset, 0)
+            return S.read_write_cdb(req.op == "write", req.offset // self.block_size, 0), req.op == "read", 0, b""
         if req.op == "flush":
             return bytes([S.Opcode.SYNCHRONIZE_CACHE_10]) + bytes(9), False, 0, b""
         if req.op == "discard":
@@ -177,6 +181,16 @@ class StorvscDriver(GuestDriver):
             return struct.pack(">BB4sBHB", S.Opcode.UNMAP, 0, b"", 0, len(params), 0), False, len(params), params
         raise ValueError(f"unknown block operation {req.op!r}")
 
+    def _length(self, req: BlockRequest) -> int:
+        if req.buffer is not None:
+            length = req.length or len(req.buffer.view)
+            if length > len(req.buffer.view):
+                raise ValueError("request longer than its buffer")
+        else:
+            length = req.length if req.op == "read" else len(req.data)
+        self._check(req.offset, length)
+        return length
+
     def buffer(self, nbytes: int) -> DmaBuffer:
         """Guest pages for zero-copy I/O (free them, or use ``with``)."""
         return DmaBuffer(self.ram, nbytes)
@@ -184,84 +198,136 @@ class StorvscDriver(GuestDriver):
     async def submit(self, requests: Sequence[BlockRequest]) -> list[BlockResult]:
         """Many requests at once, spread over the queues; results in order.
         Reads into a ``DmaBuffer`` leave ``data`` None: the bytes are in it."""
-        return await self._submit_cdbs([self._cdb(r) for r in requests], [r.buffer for r in requests])
+        ops: list[_Op] = []
+        try:
+            for req in requests:
+                ops.append(self._op(req))
+            await self._submit_ops(ops)
+            return [op.result for op in ops]
+        finally:
+            for op in ops:
+                if op.owned_pages:
+                    self.ram.free(op.pfn, op.owned_pages)
 
-    async def _submit_cdbs(
-        self, cdbs: Sequence[tuple[bytes, bool, int, bytes]], buffers: Sequence[DmaBuffer | None] | None = None
-    ) -> list[BlockResult]:
+    def _op(self, req: BlockRequest) -> _Op:
+        if req.op in ("read", "write") and (length := self._length(req)):
+            write = req.op == "write"
+            if req.buffer is not None:
+                op = _Op(length, pfn=req.buffer.pfn)
+            else:
+                npages = (length + PAGE - 1) // PAGE
+                op = _Op(length, pfn=self.ram.alloc(npages, zero=False), owned_pages=npages, read_back=not write)
+                if write:
+                    self.ram.pages_view(op.pfn, npages)[:length] = req.data
+            op.io = (write, req.fua, req.offset // self.block_size, length // self.block_size, op.pfn)
+            return op
+        cdb, data_in, length, out = self._cdb(req)
+        return self._command_op(cdb, data_in, length, out)
+
+    def _command_op(self, cdb: bytes, data_in: bool, length: int, out: bytes) -> _Op:
+        op = _Op(length, command=(cdb, data_in))
+        if length:
+            op.owned_pages = (length + PAGE - 1) // PAGE
+            op.pfn = self.ram.alloc(op.owned_pages, zero=False)  # the host or our copy fills it
+            op.read_back = data_in
+            if out:
+                self.ram.pages_view(op.pfn, op.owned_pages)[: len(out)] = out
+        return op
+
+    async def _submit_cdbs(self, cdbs: Sequence[tuple[bytes, bool, int, bytes]]) -> list[BlockResult]:
+        ops: list[_Op] = []
+        try:
+            for cdb in cdbs:
+                ops.append(self._command_op(*cdb))
+            await self._submit_ops(ops)
+            return [op.result for op in ops]
+        finally:
+            for op in ops:
+                if op.owned_pages:
+                    self.ram.free(op.pfn, op.owned_pages)
+
+    async def _submit_ops(self, ops: Sequence[_Op]) -> None:
         live = [q for q in self.queues if not q.channel.revoked and not q.channel.closed]
         if not live:
             raise ChannelRevoked("every queue of the disk is gone")
-        # Runs of up to BATCH_PER_QUEUE requests (or BYTES_PER_QUEUE of data)
-        # go to one queue, the next run to the next queue: a batch of small
-        # requests costs one commit and at most one signal, large transfers
-        # spread over the host's per-queue workers, and concurrent
-        # submitters rotate over every queue.
+        # Fill the lowest-numbered queue up to BATCH_PER_QUEUE requests and
+        # BYTES_PER_QUEUE bytes in flight (counting what is already there),
+        # then the next: small requests keep to one queue, whose host worker
+        # is then still polling when the next batch comes (a batch costs one
+        # commit and at most one signal), while large transfers and heavy
+        # load spread over the host's per-queue workers.  An idle queue
+        # takes any request; when every queue is full the least busy does.
         nq = len(live)
-        per_queue: list[list[int]] = [[] for _ in range(nq)]
-        q = next(self._next_queue) % nq
-        run = run_bytes = 0
-        for i, (_, _, length, _) in enumerate(cdbs):
-            if run and (run >= BATCH_PER_QUEUE or run_bytes + length > BYTES_PER_QUEUE):
-                q, run, run_bytes = (q + 1) % nq, 0, 0
-            per_queue[q].append(i)
-            run += 1
-            run_bytes += length
-        results: list[BlockResult] = [BlockResult() for _ in cdbs]
-
-        async def run_queue(q: int, idx: list[int]) -> None:
-            pages: list[tuple[int, int]] = []
-            try:
-                items = []
-                for i in idx:
-                    cdb, data_in, length, out = cdbs[i]
-                    buf = buffers[i] if buffers else None
-                    if length and buf is not None:
-                        npages = (length + PAGE - 1) // PAGE
-                        pfn = buf.pfn
-                        pages.append((pfn, 0))  # the caller's pages: not ours to free or copy
-                        header = encode_gpa_direct_header([GpaRange(length, 0, range(pfn, pfn + npages))])
-                        ptype = PacketType.DATA_USING_GPA_DIRECT
-                    elif length:
-                        npages = (length + PAGE - 1) // PAGE
-                        pfn = self.ram.alloc(npages, zero=False)  # the host or our copy fills it
-                        pages.append((pfn, npages))
-                        if out:
-                            self.ram.pages_view(pfn, npages)[: len(out)] = out
-                        header = encode_gpa_direct_header([GpaRange(length, 0, range(pfn, pfn + npages))])
-                        ptype = PacketType.DATA_USING_GPA_DIRECT
-                    else:
-                        header, ptype = b"", PacketType.DATA_INBAND
-                        pages.append((0, 0))
-                    srb = S.scsi_request(cdb, data_in, length)
-                    items.append((S.packet(S.Operation.EXECUTE_SRB, 0, srb), ptype, header))
-                completions = await live[q].request_many(items)
-                for i, pkt, (pfn, npages) in zip(idx, completions, pages):
-                    results[i] = self._result(bytes(pkt.payload), cdbs[i], pfn, npages)
-            finally:
-                for pfn, npages in pages:
-                    if npages:
-                        self.ram.free(pfn, npages)
-
+        per_queue: list[list[_Op]] = [[] for _ in range(nq)]
+        count = [queue.outstanding for queue in live]
+        volume = [queue.bytes_in_flight for queue in live]
+        q = 0
+        for op in ops:
+            start = q
+            while count[q] and (count[q] >= BATCH_PER_QUEUE or volume[q] + op.length > BYTES_PER_QUEUE):
+                q = (q + 1) % nq
+                if q == start:
+                    q = min(range(nq), key=count.__getitem__)
+                    break
+            per_queue[q].append(op)
+            count[q] += 1
+            volume[q] += op.length
+        used = [(live[i], mine) for i, mine in enumerate(per_queue) if mine]
+        if len(used) == 1:
+            await self._run_queue(*used[0])
+            return
         async with trio.open_nursery() as nursery:
-            for q, idx in enumerate(per_queue):
-                if idx:
-                    nursery.start_soon(run_queue, q, idx)
-        return results
+            for queue, mine in used:
+                nursery.start_soon(self._run_queue, queue, mine)
 
-    def _result(self, payload: bytes, cdb: tuple[bytes, bool, int, bytes], pfn: int, npages: int) -> BlockResult:
-        operation, _, status, body = S.PACKET.unpack_from(payload.ljust(S.PACKET_SIZE, b"\0"))
+    async def _run_queue(self, queue: DiskQueue, ops: list[_Op]) -> None:
+        ios = [op for op in ops if op.io is not None]
+        commands = [op for op in ops if op.io is None]
+        if ios:
+            answers = await queue.io([op.io for op in ios])  # type: ignore[misc]
+            for op, answer in zip(ios, answers):
+                op.result = self._io_result(op, answer)
+        if commands:
+            items = []
+            for op in commands:
+                assert op.command is not None
+                cdb, data_in = op.command
+                if op.length:
+                    header = encode_gpa_direct_header(
+                        [GpaRange(op.length, 0, range(op.pfn, op.pfn + op.owned_pages))])
+                    ptype = PacketType.DATA_USING_GPA_DIRECT
+                else:
+                    header, ptype = b"", PacketType.DATA_INBAND
+                srb = S.scsi_request(cdb, data_in, op.length)
+                items.append((S.packet(S.Operation.EXECUTE_SRB, 0, srb), ptype, header))
+            for op, pkt in zip(commands, await queue.request_many(items)):
+                op.result = self._io_result(op, pkt)
+
+    def _io_result(self, op: _Op, answer: int | Packet) -> BlockResult:
+        """``answer``: the bytes moved by a command that succeeded (the C
+        reaper checked its statuses), or its completion packet."""
+        if isinstance(answer, int):
+            transferred = answer
+        else:
+            failed, transferred = self._failure(answer, op)
+            if failed is not None:
+                return BlockResult(error=failed)
+        if op.read_back:
+            return BlockResult(data=bytes(self.ram.pages_view(op.pfn, op.owned_pages)[: min(transferred, op.length)]))
+        return BlockResult()
+
+    def _failure(self, pkt: Packet, op: _Op) -> tuple[BlockError | None, int]:
+        operation, _, status, body = S.PACKET.unpack_from(bytes(pkt.payload).ljust(S.PACKET_SIZE, b"\0"))
         if operation != S.Operation.COMPLETE_IO or status != S.NtStatus.SUCCESS:
-            return BlockResult(error=BlockError(f"request refused (NTSTATUS {status:#x})", status=status))
+            return BlockError(f"request refused (NTSTATUS {status:#x})", status=status), 0
         srb = S.SCSI_REQUEST.unpack_from(body)
         srb_status, scsi_status, transferred, sense = srb[1], srb[2], srb[11], srb[12]
         if scsi_status != S.ScsiStatus.GOOD or (srb_status & 0x3F) != S.SrbStatus.SUCCESS:
             key = S.parse_sense(sense) if srb_status & S.SrbStatus.AUTOSENSE_VALID else None
             what = f"sense {key[0]:#x}/{key[1]:#x}/{key[2]:#x}" if key else f"SRB status {srb_status:#x}"
-            return BlockResult(error=BlockError(f"SCSI {cdb[0][0]:#04x} failed: {what}", sense=key))
-        if cdb[1] and npages:
-            return BlockResult(data=bytes(self.ram.pages_view(pfn, npages)[: min(transferred, cdb[2])]))
-        return BlockResult()
+            opcode = op.command[0][0] if op.command else (S.Opcode.WRITE_16 if op.io and op.io[0] else S.Opcode.READ_16)
+            return BlockError(f"SCSI {opcode:#04x} failed: {what}", sense=key), 0
+        return None, transferred
 
     async def _one(self, req: BlockRequest) -> bytes | None:
         (res,) = await self.submit([req])

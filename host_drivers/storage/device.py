@@ -1,13 +1,16 @@
 """The storvsp: the host half of the paravirtual SCSI disk.
 
-Each channel (the primary and every sub-channel) runs ``serve``: take a
-batch of requests with interrupts masked, validate each one, run the
-batch's SCSI commands in a worker thread (file I/O never blocks the event
-loop; data moves by preadv/pwritev straight between the image and guest
-RAM), and send all completions with one ring commit.  The primary channel
-first walks the storvsc initialisation (BEGIN_INITIALIZATION,
-QUERY_PROTOCOL_VERSION, QUERY_PROPERTIES, END_INITIALIZATION); it then
-serves CREATE_SUB_CHANNELS by asking the bus to offer more channels.
+Each channel (the primary and every sub-channel) runs ``serve``.  Regular
+reads and writes go to the C fast path (``fastpath``: a worker thread per
+channel, no Python per request).  Everything else comes back here, one
+request at a time: validate it, run its SCSI command in a worker thread
+(file I/O never blocks the event loop; data moves by preadv/pwritev
+straight between the image and guest RAM), and send the completion.  The
+primary channel first walks the storvsc initialisation in Python
+(BEGIN_INITIALIZATION, QUERY_PROTOCOL_VERSION, QUERY_PROPERTIES,
+END_INITIALIZATION), batch by batch; it serves CREATE_SUB_CHANNELS by
+asking the bus to offer more channels.  With ``fast_path`` off, every
+request takes the Python path, in batches.
 
 What the guest sends is untrusted (openvmm storvsp's parse_packet is the
 model): a request must ask for a completion; EXECUTE_SRB must carry a full
@@ -35,6 +38,7 @@ from vmbus.protocols import storvsc as S
 
 from . import scsi
 from .backend import DiskImage
+from .fastpath import DEFAULT_POLL_US, FastPath
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TRANSFER = 1 << 20
@@ -59,6 +63,12 @@ class StorvspHost(HostDevice):
         self.max_transfer = int(config.get("max_transfer", DEFAULT_MAX_TRANSFER))
         self.max_subchannels = int(config.get("subchannels", DEFAULT_SUBCHANNELS))
         self.errors: Counter[str] = Counter()
+        # Regular reads and writes are served in C (``fastpath``) unless
+        # ``fast_path`` is false; ``poll_us``: how long its thread polls for
+        # the next request before sleeping on the channel's eventfd.
+        self.use_fast_path = bool(config.get("fast_path", True))
+        self.poll_us = int(config.get("poll_us", DEFAULT_POLL_US))
+        self.fast_paths: list[FastPath] = []
 
     async def close(self) -> None:
         self.disk.close()
@@ -67,23 +77,45 @@ class StorvspHost(HostDevice):
 
     async def serve(self, channel: Channel, memory: GuestMemory) -> None:
         initialised = channel.sub_index > 0  # sub-channels need no handshake
-        while True:
-            replies: list[tuple[Any, int, bool, int, bytes]] = []
-            jobs: list[_Job] = []
-            for pkt in await channel.receive(limit=128):
-                out = self._request(pkt, memory, initialised, jobs, channel)
-                if out is None:
-                    continue
-                if out == "initialised":
-                    initialised = True
-                    out = S.packet(S.Operation.COMPLETE_IO)
-                replies.append((out, pkt.trans_id, False, PacketType.COMPLETION, b""))
-            if jobs:
-                await trio.to_thread.run_sync(self._run_jobs, jobs)
-                for job in jobs:
-                    replies.append((self._completion(job), job.trans_id, False, PacketType.COMPLETION, b""))
-            if replies:
-                await channel.send_many(replies)
+        fast = self._fast_path(channel, memory)
+        try:
+            while True:
+                limit = 128
+                if initialised and fast is not None:
+                    await fast.run()  # back here when a request needs Python
+                    limit = 1  # just that one, then C again
+                initialised = await self._serve_batch(channel, memory, initialised, limit)
+        finally:
+            if fast is not None:
+                fast.close()
+
+    def _fast_path(self, channel: Channel, memory: GuestMemory) -> FastPath | None:
+        if not self.use_fast_path or channel.event_fd is None or not hasattr(channel.incoming, "c_address"):
+            return None
+        fast = FastPath(channel, memory, self.disk, self.max_transfer, self.poll_us)
+        self.fast_paths.append(fast)
+        return fast
+
+    async def _serve_batch(self, channel: Channel, memory: GuestMemory, initialised: bool, limit: int) -> bool:
+        """Take up to ``limit`` requests and answer them in Python; returns
+        whether the channel is initialised afterwards."""
+        replies: list[tuple[Any, int, bool, int, bytes]] = []
+        jobs: list[_Job] = []
+        for pkt in await channel.receive(limit=limit):
+            out = self._request(pkt, memory, initialised, jobs, channel)
+            if out is None:
+                continue
+            if out == "initialised":
+                initialised = True
+                out = S.packet(S.Operation.COMPLETE_IO)
+            replies.append((out, pkt.trans_id, False, PacketType.COMPLETION, b""))
+        if jobs:
+            await trio.to_thread.run_sync(self._run_jobs, jobs)
+            for job in jobs:
+                replies.append((self._completion(job), job.trans_id, False, PacketType.COMPLETION, b""))
+        if replies:
+            await channel.send_many(replies)
+        return initialised
 
     def _refuse(self, what: str, status: int = S.NtStatus.INVALID_PARAMETER) -> bytes:
         self.errors[what] += 1

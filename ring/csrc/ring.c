@@ -29,6 +29,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
+#include <time.h>
 
 #include "ring.h"
 
@@ -362,7 +363,7 @@ static int peer_write_index(pv_ring *r, uint32_t *out)
 }
 
 /* Validate the packet at read_staged without taking it. */
-static int peek(pv_ring *r, pv_packet *pkt)
+int pv_ring_peek(pv_ring *r, pv_packet *pkt)
 {
     uint32_t w, avail, len, hdr;
     struct pv_packet_descriptor desc;
@@ -407,7 +408,7 @@ static int peek(pv_ring *r, pv_packet *pkt)
     return PV_OK;
 }
 
-static void take(pv_ring *r, const pv_packet *pkt)
+void pv_ring_take(pv_ring *r, const pv_packet *pkt)
 {
     r->read_staged = wrap(r, (uint64_t)pkt->ring_offset + pkt->packet_len + PV_TRAILER_SIZE);
     r->packets++;
@@ -416,9 +417,9 @@ static void take(pv_ring *r, const pv_packet *pkt)
 
 int pv_ring_next(pv_ring *r, pv_packet *pkt)
 {
-    int rc = peek(r, pkt);
+    int rc = pv_ring_peek(r, pkt);
     if (rc == PV_OK)
-        take(r, pkt);
+        pv_ring_take(r, pkt);
     return rc;
 }
 
@@ -441,7 +442,7 @@ int pv_ring_read_many(pv_ring *r, uint8_t *out, size_t cap, int payload_only,
     while (count < max) {
         pv_packet *p = &pkts[count];
         uint32_t skip, len;
-        rc = peek(r, p);
+        rc = pv_ring_peek(r, p);
         if (rc != PV_OK)
             break;
         skip = payload_only ? p->header_len : 0;
@@ -453,7 +454,7 @@ int pv_ring_read_many(pv_ring *r, uint8_t *out, size_t cap, int payload_only,
         pv_ring_copy_out(r, p->ring_offset + skip, len, out + off);
         p->out_offset = (uint32_t)off;
         off += len;
-        take(r, p);
+        pv_ring_take(r, p);
         count++;
     }
     *n = count;
@@ -547,4 +548,37 @@ int64_t pv_ring_poll(pv_ring *r, uint32_t spins)
         cpu_relax();
     }
     return avail;
+}
+
+static uint64_t monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+int64_t pv_ring_poll_us(pv_ring *r, uint32_t usec)
+{
+    uint64_t deadline = monotonic_ns() + (uint64_t)usec * 1000u;
+    int64_t avail;
+    /* Check the clock every 64 spins: a clock read costs about as much as
+     * the spins themselves. */
+    while ((avail = pv_ring_poll(r, 64)) == 0 && monotonic_ns() < deadline)
+        ;
+    return avail;
+}
+
+int pv_ring_poll_many(pv_ring *const *rings, uint32_t n, uint32_t usec)
+{
+    uint64_t deadline = monotonic_ns() + (uint64_t)usec * 1000u;
+    uint32_t i, spin;
+    do {
+        for (spin = 0; spin < 16; spin++) {
+            for (i = 0; i < n; i++)
+                if (pv_ring_read_available(rings[i]) != 0)
+                    return (int)i;
+            cpu_relax();
+        }
+    } while (monotonic_ns() < deadline);
+    return -1;
 }

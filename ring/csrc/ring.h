@@ -176,6 +176,12 @@ int64_t pv_ring_write_space(pv_ring *r);
  * the same way until the channel is torn down). */
 int pv_ring_next(pv_ring *r, pv_packet *pkt);
 
+/* pv_ring_next in two steps, for a consumer that decides after looking:
+ * peek validates the packet at the head (PV_OK / PV_EMPTY / PV_CORRUPT)
+ * without taking it; take (with that same packet) moves past it. */
+int pv_ring_peek(pv_ring *r, pv_packet *pkt);
+void pv_ring_take(pv_ring *r, const pv_packet *pkt);
+
 /* Spin up to `spins` times for data, then take the next packet as
  * pv_ring_next does: PV_OK, PV_EMPTY (nothing came) or PV_CORRUPT. */
 int pv_ring_poll_next(pv_ring *r, uint32_t spins, pv_packet *pkt);
@@ -208,3 +214,11 @@ int64_t pv_ring_unmask(pv_ring *r);
 /* Spin up to `spins` times waiting for data; returns bytes available, 0,
  * or -PV_CORRUPT.  Releases the GIL (cffi does) so it costs no Python. */
 int64_t pv_ring_poll(pv_ring *r, uint32_t spins);
+
+/* pv_ring_poll with a time budget: spin for up to `usec` microseconds. */
+int64_t pv_ring_poll_us(pv_ring *r, uint32_t usec);
+
+/* Spin over `n` rings for up to `usec` microseconds: the index of the
+ * first with data (or a corrupt index, which its next read reports), or
+ * -1 if none had any in time. */
+int pv_ring_poll_many(pv_ring *const *rings, uint32_t n, uint32_t usec);

@@ -1,0 +1,36 @@
+/* storvsc_fast.h -- the guest disk driver's per-request path in C (cffi cdef too).
+ *
+ * storvsc_stage() writes a batch of READ/WRITE 16 requests into the
+ * outgoing ring (GPA-direct, one range of consecutive pages each) without
+ * publishing them; storvsc_reap() takes every completion waiting in the
+ * incoming ring and parses it.  Transaction ids, waiting and everything
+ * that is not a plain read or write stay in Python.
+ */
+
+typedef struct {
+    uint64_t lba;
+    uint64_t pfn;          /* first page of the buffer; the rest follow it */
+    uint64_t trans_id;
+    uint32_t blocks;
+    uint8_t  write;
+    uint8_t  fua;
+} storvsc_io;
+
+typedef struct {
+    uint64_t trans_id;
+    uint32_t transferred;  /* the SRB's data_transfer_length */
+    uint16_t type;         /* packet type as received */
+    uint16_t payload_len;  /* bytes of `payload` that came (at most 64) */
+    uint8_t  ok;           /* COMPLETE_IO, status 0, SRB SUCCESS, SCSI GOOD */
+    uint8_t  payload[64];  /* the vstor packet, for anything but `ok` */
+} storvsc_completion;
+
+/* Stage ios[0..n) with trans ids as given; *staged says how many went in.
+ * PV_OK when all did, else the ring's reason for the next one (PV_FULL
+ * with *needed, PV_TOO_LARGE, PV_CORRUPT). */
+int storvsc_stage(pv_ring *out, uint32_t block_size, const storvsc_io *ios, uint32_t n,
+                  uint32_t *staged, uint32_t *needed);
+
+/* Take up to `max` packets from `in` into `done`; *n says how many.
+ * PV_OK, PV_EMPTY (none) or PV_CORRUPT.  The caller commits the read. */
+int storvsc_reap(pv_ring *in, storvsc_completion *done, uint32_t max, uint32_t *n);

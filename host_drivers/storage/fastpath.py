@@ -1,0 +1,113 @@
+"""The storvsp's C fast path (``csrc/storvsp_fast.c``), run from a worker thread.
+
+Once a channel is initialised, its rings belong to ``storvsp_serve`` in a
+worker thread: it takes the regular READ/WRITE requests, moves their data
+with preadv/pwritev between the image and guest RAM, completes them, and
+polls then sleeps on a dup of the channel's eventfd, all without the GIL.
+It comes back to Python only to interrupt the guest (``Channel.signal``, a
+few microseconds per batch, from the same thread), and to hand over a
+request it does not serve: ``run`` then returns and the device's Python
+path takes exactly that request, so every error status and every control
+operation keeps one implementation.
+
+Stopping: a cancelled ``run`` sets ``stop`` and rings ``stop_fd``; the
+thread sees one or the other within one batch, and ``run`` waits for it
+(the thread must be gone before guest RAM may be unmapped).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import trio
+
+from vmbus.channel import Channel
+from vmbus.guest_memory import GuestMemory
+
+from ._storvsp_c import ffi, lib
+from .backend import DiskImage
+
+DEFAULT_POLL_US = 100
+
+
+class FastPath:
+    """One channel's C server: ``run`` serves until Python is needed."""
+
+    def __init__(self, channel: Channel, memory: GuestMemory, disk: DiskImage, max_transfer: int,
+                 poll_us: int = DEFAULT_POLL_US) -> None:
+        if channel.event_fd is None:
+            raise ValueError("the channel has no event fd to serve from a thread")
+        self.channel = channel
+        q = self.q = ffi.new("storvsp_queue *")
+        q.inbound = ffi.cast("pv_ring *", channel.incoming.c_address)  # type: ignore[attr-defined]
+        q.outbound = ffi.cast("pv_ring *", channel.outgoing.c_address)  # type: ignore[attr-defined]
+        q.ram = ffi.cast("uint8_t *", memory.c_address)
+        q.ram_pages = memory.pages
+        q.disk_fd = disk.fd
+        q.block_size = disk.block_size
+        q.blocks = disk.blocks
+        q.max_transfer = max_transfer
+        q.read_only = int(disk.read_only)
+        q.spin_us = poll_us
+        self._kick = os.dup(channel.event_fd)  # ours: the bus may close its fd while we poll
+        self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        q.kick_fd, q.stop_fd = self._kick, self._stop
+        self._seen = (0, 0)
+
+    def close(self) -> None:
+        os.close(self._kick)
+        os.close(self._stop)
+
+    def statistics(self) -> dict[str, int]:
+        q = self.q
+        return {name: int(getattr(q, name)) for name in (
+            "requests", "bytes_read", "bytes_written", "punted", "wakeups", "polls_hit", "ring_full_waits")}
+
+    def _serve(self) -> int:
+        """Worker thread: serve until a request needs Python or we are stopped."""
+        q, channel = self.q, self.channel
+        while True:
+            rc = lib.storvsp_serve(q)
+            if rc & lib.SVQ_SIGNAL:
+                channel.signal()
+            rc &= ~lib.SVQ_SIGNAL
+            if rc:
+                return int(rc)
+
+    def _account(self) -> None:
+        requests, wakeups = int(self.q.requests), int(self.q.wakeups)
+        self.channel.stats.packets_received += requests - self._seen[0]
+        self.channel.stats.packets_sent += requests - self._seen[0]
+        self.channel.stats.wakeups += wakeups - self._seen[1]
+        self._seen = (requests, wakeups)
+
+    async def run(self) -> int:
+        """Serve in a worker thread; returns the SVQ_* reason it stopped
+        (SVQ_PUNT: the request at the head of the ring is Python's)."""
+        self.q.stop = 0
+        try:
+            os.eventfd_read(self._stop)
+        except BlockingIOError:
+            pass
+        finished = False
+
+        async def stop_when_cancelled() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                if not finished:
+                    self.q.stop = 1
+                    os.eventfd_write(self._stop, 1)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_when_cancelled)
+                # Not abandoned on cancel: the thread touches guest RAM and
+                # must have returned before anyone may unmap it.
+                rc: Any = await trio.to_thread.run_sync(self._serve)
+                finished = True
+                nursery.cancel_scope.cancel()
+        finally:
+            self._account()
+        return int(rc)
