@@ -30,6 +30,10 @@ from vmbus.errors import ChannelClosed, ChannelRevoked
 from ._storvsc_c import ffi, lib
 
 DEFAULT_POLL_US = 200
+# Poll only while at most this much data is in flight: beyond it the host's
+# copies take longer than a poll, and on a small machine a spinning guest
+# takes a CPU from them.
+POLL_BYTES_MAX = 512 << 10
 
 
 class DiskQueue(Requestor):
@@ -90,6 +94,8 @@ class DiskQueue(Requestor):
         sleep on the interrupt once a poll comes back empty."""
         statistics = trio.lowlevel.current_statistics
         while not batch.done.is_set() and self.poll_us and self.live:
+            if sum(q.bytes_in_flight for q in self.group) > POLL_BYTES_MAX:
+                break  # long transfers: the host needs the CPUs more than we need the wake-up
             if statistics().tasks_runnable:
                 await trio.lowlevel.checkpoint()
                 continue
