@@ -28,7 +28,7 @@ from vmbus.guest_memory import GuestMemory
 from ._storvsp_c import ffi, lib
 from .backend import DiskImage
 
-DEFAULT_POLL_US = 100
+DEFAULT_POLL_US = 200
 
 
 class FastPath:
