@@ -41,11 +41,8 @@ class _CRing:
         # PV_CORRUPT at attach is sticky in the handle: the first use raises.
 
     def corruption(self) -> RingCorrupt:
-        """The error describing why this ring is corrupt (for a caller whose
-        own C found out, through ``c_address``)."""
-        return self._corrupt()
-
-    def _corrupt(self) -> RingCorrupt:
+        """The error describing why this ring is corrupt (also for a caller
+        whose own C found out, through ``c_address``)."""
         h = self._handle
         reason = h.corrupt_reason
         name = CORRUPT_REASONS[reason] if reason < len(CORRUPT_REASONS) else str(reason)
@@ -86,7 +83,7 @@ class OutgoingRing(_CRing, OutgoingRingBase):
         if rc == lib.PV_TOO_LARGE:
             raise PacketTooLarge(self._needed[0], self.max_packet_total)
         if rc == lib.PV_CORRUPT:
-            raise self._corrupt()
+            raise self.corruption()
         raise ValueError(f"bad ring write arguments (rc={rc})")
 
     def _write(
@@ -184,7 +181,7 @@ class OutgoingRing(_CRing, OutgoingRingBase):
         """Publish all staged packets; True when the reader must be signalled."""
         rc = lib.pv_ring_commit_write(self._handle)
         if rc < 0:
-            raise self._corrupt()
+            raise self.corruption()
         return rc == 1
 
     def revert(self) -> None:
@@ -201,7 +198,7 @@ class OutgoingRing(_CRing, OutgoingRingBase):
         if rc == -lib.PV_TOO_LARGE:
             raise PacketTooLarge(needed, self.max_packet_total)
         if rc == -lib.PV_CORRUPT:
-            raise self._corrupt()
+            raise self.corruption()
         if rc < 0:
             raise ValueError("commit staged packets before arming pending_send_sz")
         return rc == 1
@@ -214,7 +211,7 @@ class OutgoingRing(_CRing, OutgoingRingBase):
         """Free bytes now (a packet needs strictly more than its size)."""
         n = lib.pv_ring_write_space(self._handle)
         if n < 0:
-            raise self._corrupt()
+            raise self.corruption()
         return n
 
 
@@ -247,7 +244,7 @@ class IncomingRing(_CRing, IncomingRingBase):
         if rc == lib.PV_EMPTY:
             return None
         if rc != lib.PV_OK:
-            raise self._corrupt()
+            raise self.corruption()
         hlen, plen, off = p.header_len, p.packet_len, p.ring_offset
         end = off + plen
         if end <= self.data_size:
@@ -272,7 +269,7 @@ class IncomingRing(_CRing, IncomingRingBase):
         )
         count = self._n[0]
         if rc == lib.PV_CORRUPT and count == 0:
-            raise self._corrupt()
+            raise self.corruption()
         if rc == lib.PV_NO_SPACE:
             raise ValueError("output buffer too small for the next packet")
 
@@ -296,7 +293,7 @@ class IncomingRing(_CRing, IncomingRingBase):
         pending_send_sz must be signalled."""
         rc = lib.pv_ring_commit_read(self._handle)
         if rc < 0:
-            raise self._corrupt()
+            raise self.corruption()
         return rc == 1
 
     def mask(self) -> None:
@@ -308,7 +305,7 @@ class IncomingRing(_CRing, IncomingRingBase):
         (no signal is coming for it: keep draining)."""
         n = lib.pv_ring_unmask(self._handle)
         if n < 0:
-            raise self._corrupt()
+            raise self.corruption()
         return n > 0
 
     @property
@@ -316,12 +313,12 @@ class IncomingRing(_CRing, IncomingRingBase):
         """Bytes published by the writer and not yet taken."""
         n = lib.pv_ring_read_available(self._handle)
         if n < 0:
-            raise self._corrupt()
+            raise self.corruption()
         return n
 
     def poll(self, spins: int) -> bool:
         """Spin (in C, GIL released) up to ``spins`` times for data."""
         n = lib.pv_ring_poll(self._handle, spins)
         if n < 0:
-            raise self._corrupt()
+            raise self.corruption()
         return n > 0

@@ -39,6 +39,19 @@ def c_module(name: str, headers: list[Path], sources: list[Path], include_dirs: 
     return builder
 
 
+def device_module(name: str, build_script: str, stem: str, wire_headers: list[Path]) -> FFI:
+    """A device's C fast path: ``csrc/<stem>.c`` next to ``build_script``
+    plus the ring core, with ``ring.h``, the wire-format headers and
+    ``csrc/<stem>.h`` as the cdef."""
+    csrc = Path(build_script).resolve().parent / "csrc"
+    return c_module(
+        name,
+        [RING_CSRC / "ring.h", *wire_headers, csrc / f"{stem}.h"],
+        [RING_CSRC / "ring.c", csrc / f"{stem}.c"],
+        [RING_CSRC, *{h.parent for h in wire_headers}, csrc],
+    )
+
+
 ffibuilder = c_module(
     "ring._ring_c",
     [RING_CSRC / "ring.h", RING_CSRC / "shmops.h"],

@@ -1,22 +1,16 @@
 """cffi build script (API mode) for the storvsc's C fast path,
-``guest_kernel.drivers._storvsc_c``: ``csrc/storvsc_fast.c`` plus the ring
-core it drives.  Named in ``setup.py``'s ``cffi_modules``."""
+``guest_kernel.drivers._storvsc_c``: ``csrc/storvsc_fast.c`` plus the ring core it drives.  Named in
+``setup.py``'s ``cffi_modules``."""
 
 from __future__ import annotations
 
 import runpy
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-_ROOT = _HERE.parent.parent
+_ROOT = Path(__file__).resolve().parents[2]
 _build = runpy.run_path(str(_ROOT / "ring" / "_ring_build.py"))
-_RING, _VMBUS, _CSRC = _build["RING_CSRC"], _ROOT / "vmbus" / "csrc", _HERE / "csrc"
-
-ffibuilder = _build["c_module"](
-    "guest_kernel.drivers._storvsc_c",
-    [_RING / "ring.h", _VMBUS / "storvsc_wire.h", _CSRC / "storvsc_fast.h"],
-    [_RING / "ring.c", _CSRC / "storvsc_fast.c"],
-    [_RING, _VMBUS, _CSRC],
+ffibuilder = _build["device_module"](
+    "guest_kernel.drivers._storvsc_c", __file__, "storvsc_fast", [_ROOT / "vmbus" / "csrc" / "storvsc_wire.h"]
 )
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ reads or writes them in place.  ``BlockFile`` gives a file-like view.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,10 +198,18 @@ class StorvscDriver(GuestDriver):
     async def submit(self, requests: Sequence[BlockRequest]) -> list[BlockResult]:
         """Many requests at once, spread over the queues; results in order.
         Reads into a ``DmaBuffer`` leave ``data`` None: the bytes are in it."""
+        return await self._execute(self._op, requests)
+
+    async def _submit_cdbs(self, cdbs: Sequence[tuple[bytes, bool, int, bytes]]) -> list[BlockResult]:
+        return await self._execute(lambda cdb: self._command_op(*cdb), cdbs)
+
+    async def _execute(self, make_op: Callable[[Any], _Op], items: Sequence[Any]) -> list[BlockResult]:
+        """Turn each item into an ``_Op``, run them all, free the pages the
+        driver allocated for them; the results in order."""
         ops: list[_Op] = []
         try:
-            for req in requests:
-                ops.append(self._op(req))
+            for item in items:
+                ops.append(make_op(item))
             await self._submit_ops(ops)
             return [op.result for op in ops]
         finally:
@@ -234,20 +242,8 @@ class StorvscDriver(GuestDriver):
                 self.ram.pages_view(op.pfn, op.owned_pages)[: len(out)] = out
         return op
 
-    async def _submit_cdbs(self, cdbs: Sequence[tuple[bytes, bool, int, bytes]]) -> list[BlockResult]:
-        ops: list[_Op] = []
-        try:
-            for cdb in cdbs:
-                ops.append(self._command_op(*cdb))
-            await self._submit_ops(ops)
-            return [op.result for op in ops]
-        finally:
-            for op in ops:
-                if op.owned_pages:
-                    self.ram.free(op.pfn, op.owned_pages)
-
     async def _submit_ops(self, ops: Sequence[_Op]) -> None:
-        live = [q for q in self.queues if not q.channel.revoked and not q.channel.closed]
+        live = [q for q in self.queues if q.channel.active]
         if not live:
             raise ChannelRevoked("every queue of the disk is gone")
         # Fill the lowest-numbered queue up to BATCH_PER_QUEUE requests and

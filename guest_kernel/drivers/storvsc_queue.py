@@ -42,7 +42,6 @@ class DiskQueue(Requestor):
         super().__init__(channel, capacity)
         self.block_size = block_size
         self.poll_us = poll_us
-        self.polls_hit = 0
         self.bytes_in_flight = 0
         # The disk's queues this one polls along with itself (the driver
         # shares one list among all of them).
@@ -82,10 +81,6 @@ class DiskQueue(Requestor):
         except (ChannelRevoked, ChannelClosed):
             self.fail_all()
 
-    @property
-    def live(self) -> bool:
-        return not (self.channel.revoked or self.channel.closed)
-
     async def wait(self, batch: _Batch) -> None:
         """Poll every busy queue of the disk (``group``) for up to
         ``poll_us`` at a time, reaping whatever arrives, until ``batch`` is
@@ -93,13 +88,13 @@ class DiskQueue(Requestor):
         requests to send, or its batch was just completed by our reaping);
         sleep on the interrupt once a poll comes back empty."""
         statistics = trio.lowlevel.current_statistics
-        while not batch.done.is_set() and self.poll_us and self.live:
+        while not batch.done.is_set() and self.poll_us and self.channel.active:
             if sum(q.bytes_in_flight for q in self.group) > POLL_BYTES_MAX:
                 break  # long transfers: the host needs the CPUs more than we need the wake-up
             if statistics().tasks_runnable:
                 await trio.lowlevel.checkpoint()
                 continue
-            busy = [q for q in self.group if q.outstanding and q.live]
+            busy = [q for q in self.group if q.outstanding and q.channel.active]
             for q in busy:
                 q.channel.incoming.mask()  # we are looking: the host need not interrupt us
             rings = ffi.new("pv_ring *[]", [q._in for q in busy])
@@ -109,7 +104,7 @@ class DiskQueue(Requestor):
                 if ready < 0:
                     came = False
                     break
-                self.polls_hit += 1
+                self.channel.polls_hit += 1  # came while we polled: no interrupt spent on it
                 busy[ready].reap()
             # Unmask, then re-check: what came in between raised no interrupt.
             arrived = [q for q in busy if q.channel.incoming.unmask()]

@@ -68,7 +68,6 @@ class StorvspHost(HostDevice):
         # the next request before sleeping on the channel's eventfd.
         self.use_fast_path = bool(config.get("fast_path", True))
         self.poll_us = int(config.get("poll_us", DEFAULT_POLL_US))
-        self.fast_paths: list[FastPath] = []
 
     async def close(self) -> None:
         self.disk.close()
@@ -92,9 +91,7 @@ class StorvspHost(HostDevice):
     def _fast_path(self, channel: Channel, memory: GuestMemory) -> FastPath | None:
         if not self.use_fast_path or channel.event_fd is None or not hasattr(channel.incoming, "c_address"):
             return None
-        fast = FastPath(channel, memory, self.disk, self.max_transfer, self.poll_us)
-        self.fast_paths.append(fast)
-        return fast
+        return FastPath(channel, memory, self.disk, self.max_transfer, self.poll_us)
 
     async def _serve_batch(self, channel: Channel, memory: GuestMemory, initialised: bool, limit: int) -> bool:
         """Take up to ``limit`` requests and answer them in Python; returns

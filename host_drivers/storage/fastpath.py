@@ -59,11 +59,6 @@ class FastPath:
         os.close(self._kick)
         os.close(self._stop)
 
-    def statistics(self) -> dict[str, int]:
-        q = self.q
-        return {name: int(getattr(q, name)) for name in (
-            "requests", "bytes_read", "bytes_written", "punted", "wakeups", "polls_hit", "ring_full_waits")}
-
     def _serve(self) -> int:
         """Worker thread: serve until a request needs Python or we are stopped."""
         q, channel = self.q, self.channel
@@ -90,15 +85,13 @@ class FastPath:
             os.eventfd_read(self._stop)
         except BlockingIOError:
             pass
-        finished = False
 
         async def stop_when_cancelled() -> None:
             try:
                 await trio.sleep_forever()
-            finally:
-                if not finished:
-                    self.q.stop = 1
-                    os.eventfd_write(self._stop, 1)
+            finally:  # also after a normal return: harmless, the next run resets both
+                self.q.stop = 1
+                os.eventfd_write(self._stop, 1)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -106,7 +99,6 @@ class FastPath:
                 # Not abandoned on cancel: the thread touches guest RAM and
                 # must have returned before anyone may unmap it.
                 rc: Any = await trio.to_thread.run_sync(self._serve)
-                finished = True
                 nursery.cancel_scope.cancel()
         finally:
             self._account()

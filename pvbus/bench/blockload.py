@@ -145,9 +145,9 @@ def run_native(path: str, wl: Workload) -> dict[str, Any]:
 
 
 async def run_paravirt(kernel: Any, wl: Workload) -> dict[str, Any]:
-    from guest_kernel.drivers.storvsc import BlockRequest
-
     import trio
+
+    from guest_kernel.drivers.storvsc import BlockRequest
 
     disk = kernel.device("storage")
     # One guest-RAM buffer per request slot, filled once: the zero-copy

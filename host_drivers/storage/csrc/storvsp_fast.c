@@ -105,7 +105,8 @@ static int serve_one(storvsp_queue *q, const pv_packet *pkt)
     struct sv_packet vp;
     struct sv_gpa_head head;
     struct iovec iov[MAX_IOV];
-    uint64_t pfns[MAX_IOV], lba;
+    const uint64_t *pfns;
+    uint64_t lba;
     uint32_t blocks, transfer, npfns;
     int write, fua, niov;
     pv_iov reply;
@@ -136,10 +137,9 @@ static int serve_one(storvsp_queue *q, const pv_packet *pkt)
         return NOT_REGULAR;
     if (head.range_count != 1 || head.byte_count < transfer)
         return NOT_REGULAR;
+    /* The PFNs follow the head in the private copy (8-aligned there). */
+    pfns = (const uint64_t *)(buf + PV_DESC_SIZE + sizeof head);
     npfns = (pkt->header_len - PV_DESC_SIZE - sizeof head) / 8;
-    if (npfns > MAX_IOV)
-        npfns = MAX_IOV;
-    memcpy(pfns, buf + PV_DESC_SIZE + sizeof head, (size_t)npfns * 8);
     niov = pv_guest_iovec(q->ram, q->ram_pages, pfns, npfns, head.byte_offset, transfer, iov, MAX_IOV);
     if (niov < 0)
         return NOT_REGULAR;
