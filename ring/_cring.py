@@ -30,12 +30,19 @@ _EMPTY = memoryview(b"")
 
 class _CRing:
     _handle: Any
-    _cbuf: Any
 
     def _attach(self, mem: memoryview, fmt: bool) -> None:
-        self._cbuf = ffi.from_buffer(mem, require_writable=True)
+        # Only the address is kept.  ``mem`` (held by the ring as ``_mem``)
+        # already pins the memory: its export keeps an mmap from being closed
+        # and a bytearray from being resized.  A cffi buffer kept for the
+        # ring's life would add an export *on the memoryview*, and CPython
+        # before 3.12 crashes when the cycle collector clears an exported
+        # memoryview (python/cpython#77894): a ring in a reference cycle
+        # took the process down at exit.
+        with ffi.from_buffer(mem, require_writable=True) as cbuf:
+            base = ffi.cast("uint8_t *", cbuf)
         self._handle = ffi.new("pv_ring *")
-        rc = lib.pv_ring_attach(self._handle, ffi.cast("uint8_t *", self._cbuf), len(mem), int(fmt))
+        rc = lib.pv_ring_attach(self._handle, base, len(mem), int(fmt))
         if rc == lib.PV_BAD_ARGUMENT:
             raise ValueError("ring buffer is not 8-aligned in memory or has a bad length")
         # PV_CORRUPT at attach is sticky in the handle: the first use raises.

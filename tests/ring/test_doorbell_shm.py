@@ -83,3 +83,46 @@ def test_attach_refuses_short_or_unsealed_memory() -> None:
     shm = SharedMemory.create(8192)
     with pytest.raises(ValueError, match="promised"):
         SharedMemory.attach(os.dup(shm.fd), 16384)
+
+
+_RINGS_IN_CYCLES = """
+import gc, mmap
+from ring import IncomingRing, OutgoingRing
+mem = mmap.mmap(-1, 1 << 20)
+for _ in range(50):
+    class Owner: pass
+    owner = Owner(); owner.me = owner  # a cycle, as channels and drivers make
+    owner.rings = [OutgoingRing(mem, k * 16384, 16384, format=True) for k in range(8)]
+    owner.rings += [IncomingRing(mem, k * 16384, 16384) for k in range(8)]
+    del owner
+    gc.collect()
+print("collected")
+"""
+
+
+def test_rings_in_reference_cycles_are_collected_safely() -> None:
+    # A ring used to keep a cffi buffer exporting its memoryview; clearing
+    # that cycle crashed CPython 3.11 in the collector (python/cpython#77894).
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _RINGS_IN_CYCLES], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "collected"
+    assert "BufferError" not in done.stderr
+
+
+def test_a_ring_pins_the_memory_it_lies_on() -> None:
+    import mmap
+
+    mapping = mmap.mmap(-1, 16384)
+    ring = OutgoingRing(mapping, 0, 8192, format=True)
+    with pytest.raises(BufferError):
+        mapping.close()  # the ring's address would dangle
+    backing = bytearray(8192)
+    other = OutgoingRing(backing, 0, 8192, format=True)
+    with pytest.raises(BufferError):
+        backing.extend(b"x")  # a resize could move it
+    del ring, other
+    mapping.close()
+    backing.extend(b"x")
