@@ -17,7 +17,7 @@ reads or writes them in place.  ``BlockFile`` gives a file-like view.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +42,12 @@ BYTES_PER_QUEUE = 2 << 20
 class BlockError(IOError):
     """The disk answered with an error: a SCSI CHECK CONDITION or an NTSTATUS."""
 
-    def __init__(self, message: str, *, sense: tuple[int, int, int] | None = None, status: int = 0) -> None:
+    def __init__(self, message: str, *, sense: tuple[int, int, int] | None = None, status: int = 0,
+                 index: int | None = None) -> None:
         super().__init__(message)
         self.sense = sense
         self.status = status
+        self.index = index  # which request of a vectored call failed
 
 
 @dataclass
@@ -72,7 +74,7 @@ class _Op:
     pfn: int = 0
     owned_pages: int = 0  # pages the driver allocated (freed after), 0 for the caller's buffer
     read_back: bool = False  # copy the data out of those pages into the result
-    io: tuple[bool, bool, int, int, int] | None = None  # a read/write the C path builds
+    io: tuple[int, int, int, bool, bool] | None = None  # (lba, pfn, blocks, write, fua): a read or write the C path builds
     command: tuple[bytes, bool] | None = None  # any other SCSI command: CDB, data in
     result: BlockResult = field(default_factory=BlockResult)
 
@@ -200,6 +202,53 @@ class StorvscDriver(GuestDriver):
         Reads into a ``DmaBuffer`` leave ``data`` None: the bytes are in it."""
         return await self._execute(self._op, requests)
 
+    async def read_into(self, offsets: Sequence[int], buffers: Sequence[DmaBuffer]) -> None:
+        """Many reads at once, ``buffers[i]`` filled in full from byte
+        ``offsets[i]`` (zero copy: the host reads into those guest pages).
+        The cheapest call per request, for programs that keep their data in
+        guest buffers (as O_DIRECT programs do): no request or result object
+        each.  Every request runs to its end; then the first failure, if
+        any, is raised as a ``BlockError`` whose ``index`` names it."""
+        await self._transfer(False, offsets, buffers, fua=False)
+
+    async def write_from(self, offsets: Sequence[int], buffers: Sequence[DmaBuffer], *, fua: bool = False) -> None:
+        """Many writes at once, each of a whole guest buffer to its offset;
+        ``fua``: durable before they complete.  Errors as ``read_into``."""
+        await self._transfer(True, offsets, buffers, fua=fua)
+
+    async def _transfer(self, write: bool, offsets: Sequence[int], buffers: Sequence[DmaBuffer], *,
+                        fua: bool) -> None:
+        if len(offsets) != len(buffers):
+            raise ValueError(f"{len(offsets)} offsets for {len(buffers)} buffers")
+        bs = self.block_size
+        lengths = [len(buffer.view) for buffer in buffers]
+        for offset, length in zip(offsets, lengths):
+            self._check(offset, length)
+            if not length:
+                raise ValueError("an empty buffer")
+        requests = [(offset // bs, buffer.pfn, length // bs, write, fua)
+                    for offset, buffer, length in zip(offsets, buffers, lengths)]
+        failures: list[tuple[int, BlockError]] = []
+        opcode = S.Opcode.WRITE_16 if write else S.Opcode.READ_16
+
+        async def run(queue: DiskQueue, picked: list[int]) -> None:
+            answers = await queue.io([requests[i] for i in picked])
+            for i, answer in zip(picked, answers):
+                if type(answer) is int:
+                    if answer == lengths[i]:
+                        continue
+                    failed: BlockError | None = BlockError(f"short transfer: {answer} of {lengths[i]} bytes")
+                else:
+                    failed, _ = self._failure(answer, opcode)
+                if failed is not None:
+                    failures.append((i, failed))
+
+        await self._on_queues(lengths, run)
+        if failures:
+            index, error = min(failures, key=lambda f: f[0])
+            error.index = index
+            raise error
+
     async def _submit_cdbs(self, cdbs: Sequence[tuple[bytes, bool, int, bytes]]) -> list[BlockResult]:
         return await self._execute(lambda cdb: self._command_op(*cdb), cdbs)
 
@@ -227,7 +276,7 @@ class StorvscDriver(GuestDriver):
                 op = _Op(length, pfn=self.ram.alloc(npages, zero=False), owned_pages=npages, read_back=not write)
                 if write:
                     self.ram.pages_view(op.pfn, npages)[:length] = req.data
-            op.io = (write, req.fua, req.offset // self.block_size, length // self.block_size, op.pfn)
+            op.io = (req.offset // self.block_size, op.pfn, length // self.block_size, write, req.fua)
             return op
         cdb, data_in, length, out = self._cdb(req)
         return self._command_op(cdb, data_in, length, out)
@@ -243,6 +292,16 @@ class StorvscDriver(GuestDriver):
         return op
 
     async def _submit_ops(self, ops: Sequence[_Op]) -> None:
+        async def run(queue: DiskQueue, picked: list[int]) -> None:
+            await self._run_queue(queue, [ops[i] for i in picked])
+
+        await self._on_queues([op.length for op in ops], run)
+
+    async def _on_queues(self, lengths: Sequence[int],
+                         run: Callable[[DiskQueue, list[int]], Awaitable[None]]) -> None:
+        """Spread requests of ``lengths`` bytes over the queues and ``run``
+        each queue's share (indices into ``lengths``), concurrently when
+        more than one queue takes part."""
         live = [q for q in self.queues if q.channel.active]
         if not live:
             raise ChannelRevoked("every queue of the disk is gone")
@@ -254,27 +313,27 @@ class StorvscDriver(GuestDriver):
         # load spread over the host's per-queue workers.  An idle queue
         # takes any request; when every queue is full the least busy does.
         nq = len(live)
-        per_queue: list[list[_Op]] = [[] for _ in range(nq)]
+        per_queue: list[list[int]] = [[] for _ in range(nq)]
         count = [queue.outstanding for queue in live]
         volume = [queue.bytes_in_flight for queue in live]
         q = 0
-        for op in ops:
+        for i, length in enumerate(lengths):
             start = q
-            while count[q] and (count[q] >= BATCH_PER_QUEUE or volume[q] + op.length > BYTES_PER_QUEUE):
+            while count[q] and (count[q] >= BATCH_PER_QUEUE or volume[q] + length > BYTES_PER_QUEUE):
                 q = (q + 1) % nq
                 if q == start:
                     q = min(range(nq), key=count.__getitem__)
                     break
-            per_queue[q].append(op)
+            per_queue[q].append(i)
             count[q] += 1
-            volume[q] += op.length
-        used = [(live[i], mine) for i, mine in enumerate(per_queue) if mine]
+            volume[q] += length
+        used = [(live[k], picked) for k, picked in enumerate(per_queue) if picked]
         if len(used) == 1:
-            await self._run_queue(*used[0])
+            await run(*used[0])
             return
         async with trio.open_nursery() as nursery:
-            for queue, mine in used:
-                nursery.start_soon(self._run_queue, queue, mine)
+            for queue, picked in used:
+                nursery.start_soon(run, queue, picked)
 
     async def _run_queue(self, queue: DiskQueue, ops: list[_Op]) -> None:
         ios = [op for op in ops if op.io is not None]
@@ -305,14 +364,20 @@ class StorvscDriver(GuestDriver):
         if isinstance(answer, int):
             transferred = answer
         else:
-            failed, transferred = self._failure(answer, op)
+            failed, transferred = self._failure(answer, self._opcode(op))
             if failed is not None:
                 return BlockResult(error=failed)
         if op.read_back:
             return BlockResult(data=bytes(self.ram.pages_view(op.pfn, op.owned_pages)[: min(transferred, op.length)]))
         return BlockResult()
 
-    def _failure(self, pkt: Packet, op: _Op) -> tuple[BlockError | None, int]:
+    @staticmethod
+    def _opcode(op: _Op) -> int:
+        if op.command:
+            return op.command[0][0]
+        return S.Opcode.WRITE_16 if op.io and op.io[3] else S.Opcode.READ_16
+
+    def _failure(self, pkt: Packet, opcode: int) -> tuple[BlockError | None, int]:
         operation, _, status, body = S.PACKET.unpack_from(bytes(pkt.payload).ljust(S.PACKET_SIZE, b"\0"))
         if operation != S.Operation.COMPLETE_IO or status != S.NtStatus.SUCCESS:
             return BlockError(f"request refused (NTSTATUS {status:#x})", status=status), 0
@@ -321,7 +386,6 @@ class StorvscDriver(GuestDriver):
         if scsi_status != S.ScsiStatus.GOOD or (srb_status & 0x3F) != S.SrbStatus.SUCCESS:
             key = S.parse_sense(sense) if srb_status & S.SrbStatus.AUTOSENSE_VALID else None
             what = f"sense {key[0]:#x}/{key[1]:#x}/{key[2]:#x}" if key else f"SRB status {srb_status:#x}"
-            opcode = op.command[0][0] if op.command else (S.Opcode.WRITE_16 if op.io and op.io[0] else S.Opcode.READ_16)
             return BlockError(f"SCSI {opcode:#04x} failed: {what}", sense=key), 0
         return None, transferred
 

@@ -9,11 +9,20 @@ UNMAP go through ``request_many`` as before).  A reaped completion settles
 its request with the bytes transferred when the command succeeded, or with
 the completion packet for the driver to decode when it did not.
 
-Waiting polls: after sending, the submitter spins in C on the incoming
-ring (interrupts masked, so the host need not signal) for up to
-``poll_us`` microseconds and reaps what arrives itself; only then does it
-unmask, re-check and sleep on the interrupt, which the ``run`` task
-serves.  ``poll_us = 0`` is pure interrupt mode.
+Waiting polls: a submitter that will poll masks its queue's interrupt
+*before* it publishes the requests (a small request completes within
+microseconds, often before the submitter gets to poll, and an unmasked
+completion then costs the host an interrupt and us a wake-up).  It then
+spins in C on every busy queue of the disk for up to ``poll_us``
+microseconds and reaps what arrives itself; only then does it unmask,
+re-check and sleep on the interrupt, which the ``run`` task serves.
+``poll_us = 0`` is pure interrupt mode.
+
+Masks are held, not set: each poller holds the queues it looks at (a
+token per holder), a queue's interrupt is masked while anyone holds it,
+and the last one to let go unmasks and re-checks.  A holder lets go
+before it sleeps on anything, so a masked queue always has a task that
+will look at it.
 """
 
 from __future__ import annotations
@@ -51,6 +60,29 @@ class DiskQueue(Requestor):
         self._done = ffi.new("storvsc_completion[]", capacity)
         self._count = ffi.new("uint32_t *")
         self._needed = ffi.new("uint32_t *")
+        self._holders: set[object] = set()
+
+    # -- interrupt masking ------------------------------------------------
+
+    def hold(self, holder: object) -> None:
+        """``holder`` is about to poll this queue: no interrupts needed."""
+        if not self._holders:
+            self.channel.incoming.mask()
+        self._holders.add(holder)
+
+    def let_go(self, holder: object) -> None:
+        """``holder`` stops looking; the last holder unmasks, then reaps what
+        came between its last look and the unmask (that raised no interrupt)."""
+        if holder not in self._holders:
+            return
+        self._holders.discard(holder)
+        if not self._holders and self.channel.active and self.channel.incoming.unmask():
+            self.reap()
+
+    def _poll_wanted(self) -> bool:
+        """Poll only small transfers: beyond POLL_BYTES_MAX in flight the
+        host's copies outlast a poll and need the CPUs."""
+        return bool(self.poll_us) and sum(q.bytes_in_flight for q in self.group) <= POLL_BYTES_MAX
 
     # -- completions ------------------------------------------------------
 
@@ -88,45 +120,48 @@ class DiskQueue(Requestor):
         requests to send, or its batch was just completed by our reaping);
         sleep on the interrupt once a poll comes back empty."""
         statistics = trio.lowlevel.current_statistics
-        while not batch.done.is_set() and self.poll_us and self.channel.active:
-            if sum(q.bytes_in_flight for q in self.group) > POLL_BYTES_MAX:
-                break  # long transfers: the host needs the CPUs more than we need the wake-up
-            if statistics().tasks_runnable:
-                await trio.lowlevel.checkpoint()
-                continue
-            busy = [q for q in self.group if q.outstanding and q.channel.active]
-            for q in busy:
-                q.channel.incoming.mask()  # we are looking: the host need not interrupt us
-            rings = ffi.new("pv_ring *[]", [q._in for q in busy])
-            came = True
-            while not batch.done.is_set() and not statistics().tasks_runnable:
-                ready = lib.pv_ring_poll_many(rings, len(busy), self.poll_us)
-                if ready < 0:
-                    came = False
-                    break
-                self.channel.polls_hit += 1  # came while we polled: no interrupt spent on it
-                busy[ready].reap()
-            # Unmask, then re-check: what came in between raised no interrupt.
-            arrived = [q for q in busy if q.channel.incoming.unmask()]
-            for q in arrived:
-                q.reap()
-            if not came and not arrived:
-                break  # nothing came in time: sleep on the interrupt
+        try:
+            while not batch.done.is_set() and self.channel.active and self._poll_wanted():
+                if statistics().tasks_runnable:
+                    await trio.lowlevel.checkpoint()  # our own queue stays held: we come back
+                    continue
+                busy = [q for q in self.group if q.outstanding and q.channel.active]
+                for q in busy:
+                    q.hold(batch)
+                rings = ffi.new("pv_ring *[]", [q._in for q in busy])
+                came = True
+                while not batch.done.is_set() and not statistics().tasks_runnable:
+                    ready = lib.pv_ring_poll_many(rings, len(busy), self.poll_us)
+                    if ready < 0:
+                        came = False
+                        break
+                    self.channel.polls_hit += 1  # came while we polled: no interrupt spent on it
+                    busy[ready].reap()
+                if not came:
+                    break  # nothing in time: sleep on the interrupt (letting go re-checks)
+        finally:
+            for q in self.group:
+                q.let_go(batch)
         await batch.done.wait()
 
     # -- reads and writes -------------------------------------------------
 
-    async def io(self, requests: Sequence[tuple[bool, bool, int, int, int]]) -> list[Any]:
-        """Reads and writes ``(write, fua, lba, blocks, first pfn)`` of
+    async def io(self, requests: Sequence[tuple[int, int, int, bool, bool]]) -> list[Any]:
+        """Reads and writes ``(lba, first pfn, blocks, write, fua)`` of
         consecutive pages; answers in order: the bytes transferred, or the
         completion ``Packet`` of a command that failed."""
         n = len(requests)
-        volume = sum(blocks for _, _, _, blocks, _ in requests) * self.block_size
+        volume = sum(request[2] for request in requests) * self.block_size
+
+        held: list[object] = []
 
         async def send(tids: list[int]) -> None:
-            ios = ffi.new("storvsc_io[]", n)
-            for io, (write, fua, lba, blocks, pfn), tid in zip(ios, requests, tids):
-                io.write, io.fua, io.lba, io.blocks, io.pfn, io.trans_id = write, fua, lba, blocks, pfn, tid
+            batch = self._slots[tids[0] - 1]
+            held.append(batch)
+            if self._poll_wanted():
+                self.hold(batch)  # masked before the host can answer: see the module notes
+            # One cffi call fills the whole array (field order = tuple order).
+            ios = ffi.new("storvsc_io[]", [(*request, tid) for request, tid in zip(requests, tids)])
             done = 0
             while True:
                 rc = lib.storvsc_stage(self._out, self.block_size, ios + done, n - done, self._count, self._needed)
@@ -142,6 +177,7 @@ class DiskQueue(Requestor):
                 if rc != lib.PV_FULL:
                     raise ValueError(f"a disk request the ring cannot take (rc={rc})")
                 if not staged:
+                    self.let_go(batch)  # sleeping: the interrupt must be able to wake us
                     await self.channel.wait_for_room(self._needed[0])
 
         self.bytes_in_flight += volume
@@ -149,3 +185,5 @@ class DiskQueue(Requestor):
             return await self.transact(n, send)
         finally:
             self.bytes_in_flight -= volume
+            for holder in held:  # sending failed before the wait let go
+                self.let_go(holder)

@@ -9,7 +9,8 @@ A workload is fio-like: ``rw`` (read, write, randread, randwrite), ``bs``,
 - paravirt: a guest program keeps ``iodepth`` requests in flight through
   the storvsc driver in two lanes of half the depth each (one lane's batch
   is with the host while the other's is built or reaped); a lane submits
-  its requests at once (one commit and at most one signal per queue),
+  its requests at once with the vectored ``read_into``/``write_from`` on
+  its own guest buffers (one commit and at most one signal per queue),
   waits for them, and repeats.  Each request's latency is its batch's
   submit-to-completion time.
 
@@ -147,26 +148,23 @@ def run_native(path: str, wl: Workload) -> dict[str, Any]:
 async def run_paravirt(kernel: Any, wl: Workload) -> dict[str, Any]:
     import trio
 
-    from guest_kernel.drivers.storvsc import BlockRequest
-
     disk = kernel.device("storage")
     # One guest-RAM buffer per request slot, filled once: the zero-copy
     # path, as a guest program doing O_DIRECT I/O on its own pages would.
     buffers = [disk.buffer(wl.bs) for _ in range(wl.iodepth)]
     for b in buffers:
         b.view[:] = os.urandom(wl.bs)
-    op = "write" if wl.write else "read"
     offsets = wl.offsets()
     window = _Window(wl, _guest_counters(kernel))
 
+    transfer = disk.write_from if wl.write else disk.read_into
+
     async def lane(mine: list[Any]) -> None:
         while window.going():
-            batch = [BlockRequest(op, next(offsets), wl.bs, buffer=b) for b in mine]
+            where = [next(offsets) for _ in mine]
             t0 = time.perf_counter_ns()
-            for res in await disk.submit(batch):
-                if res.error:
-                    raise res.error
-            window.record(time.perf_counter_ns() - t0, len(batch))
+            await transfer(where, mine)  # raises the first BlockError, if any
+            window.record(time.perf_counter_ns() - t0, len(mine))
 
     # Two lanes of iodepth/2 each keep the depth while one lane's requests
     # are with the host and the other's are being built or reaped.

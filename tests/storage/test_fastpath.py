@@ -260,3 +260,32 @@ def test_host_waits_for_room_for_completions_then_goes_on(tmp_path: Path) -> Non
             assert bytes(r.page(DATA_PFN + i)) == image[i * 4096 : (i + 1) * 4096]
     finally:
         _close(r)
+
+
+def test_guest_queue_stays_masked_while_anyone_polls_and_rechecks_when_the_last_lets_go(rig: Rig) -> None:
+    from guest_kernel.drivers.storvsc_queue import DiskQueue
+    from vmbus.channel import Channel
+
+    async def never() -> None:
+        raise AssertionError("nothing here sleeps")
+
+    queue = DiskQueue(Channel(1, rig.guest_out, rig.guest_in, lambda: None, never), capacity=8)
+
+    def masked() -> bool:
+        return struct.unpack_from("<I", rig.shm.buf, RING + 8)[0] == 1  # interrupt_mask of the completion ring
+
+    first, second = object(), object()
+    queue.hold(first)
+    queue.hold(second)
+    assert masked()
+    queue.let_go(first)
+    assert masked()  # the second holder still polls
+    # A completion lands while masked: the host need not (and does not) signal.
+    rig.host_out.write(S.packet(S.Operation.COMPLETE_IO, 0, b""), trans_id=3, packet_type=PacketType.COMPLETION)
+    assert rig.host_out.commit() is False
+    queue.let_go(second)
+    assert not masked()
+    # Letting go re-checked and reaped it (no request 3 is outstanding: a stray).
+    assert queue.stray_completions == 1 and rig.guest_in.available == 0
+    queue.let_go(second)  # letting go twice changes nothing
+    assert not masked() and queue.stray_completions == 1

@@ -7,13 +7,15 @@
  * that is not a plain read or write stay in Python.
  */
 
+/* Field order is the order Python builds them in: cffi fills an array of
+ * these from a list of (lba, pfn, blocks, write, fua, trans_id) tuples. */
 typedef struct {
     uint64_t lba;
     uint64_t pfn;          /* first page of the buffer; the rest follow it */
-    uint64_t trans_id;
     uint32_t blocks;
     uint8_t  write;
     uint8_t  fua;
+    uint64_t trans_id;
 } storvsc_io;
 
 typedef struct {
