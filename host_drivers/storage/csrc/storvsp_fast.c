@@ -32,6 +32,13 @@
 #include "storvsp_fast.h"
 
 #define BATCH_MAX 256                    /* requests between two publishes */
+/* Bytes moved between two publishes.  Small requests complete in batches
+ * (one index store, at most one signal for many), but a guest waiting on a
+ * large transfer should not also wait for the ones queued behind it: with
+ * two lanes of 2 x 1 MiB each, publishing per batch held every completion
+ * until all four copies were done, and the guest's resubmission then found
+ * this thread idle (measured: a third of both CPUs idle at 1 MiB QD4). */
+#define PUBLISH_BYTES (256u << 10)
 #define MAX_IOV 260                      /* a 1 MiB transfer at an offset: 257 pages */
 #define PACKET_MAX (16 + 16 + 8 * 264 + SV_PACKET_SIZE + 64)
 #define COMPLETION_BYTES (PV_DESC_SIZE + SV_PACKET_SIZE + PV_TRAILER_SIZE)
@@ -194,6 +201,7 @@ int storvsp_serve(storvsp_queue *q)
     for (;;) {
         int result = 0, rc, no_room = 0;
         uint32_t served = 0;
+        uint64_t moved_before = q->bytes_read + q->bytes_written;
 
         if (stop_requested(q))
             return SVQ_STOPPED;
@@ -213,6 +221,8 @@ int storvsp_serve(storvsp_queue *q)
             if (rc == SERVED) {
                 pv_ring_take(q->inbound, &pkt);
                 served++;
+                if (q->bytes_read + q->bytes_written - moved_before >= PUBLISH_BYTES)
+                    break;   /* publish now: the guest may be waiting for just this one */
                 continue;
             }
             /* Not taken: the next reader (Python, or us once there is
