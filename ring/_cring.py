@@ -8,6 +8,7 @@ ring side must still be used by one thread at a time.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,14 @@ from ._api import (
 )
 from ._layout import CONTROL_SIZE
 from ._ring_c import ffi, lib
+
+# The per-packet path (read_packet/poll_packet) is the round-trip latency
+# of every request/response device, so it avoids per-field cffi reads: the
+# C fills a pv_packet and one struct unpack reads it (tests pin this format
+# to ring.h), and packets are built with tuple.__new__ directly.
+PV_PACKET = struct.Struct("<HHII4xQI4x")  # type, flags, header_len, packet_len, trans_id, ring_offset
+_OK, _EMPTY_RC = lib.PV_OK, lib.PV_EMPTY
+_new_tuple = tuple.__new__
 from .errors import CORRUPT_REASONS, PacketTooLarge, RingCorrupt, RingFull
 
 
@@ -231,6 +240,7 @@ class IncomingRing(_CRing, IncomingRingBase):
         IncomingRingBase.__init__(self, buffer, offset, length)
         self._attach(self._mem, format)
         self._pkt = ffi.new("pv_packet *")
+        self._pkt_fields = ffi.buffer(self._pkt)
         self._pkts_cap = 0
         self._pkts: Any = None
         self._n = ffi.new("uint32_t *")
@@ -247,19 +257,17 @@ class IncomingRing(_CRing, IncomingRingBase):
     poll_packet.__doc__ = IncomingRingBase.poll_packet.__doc__
 
     def _packet(self, rc: int) -> Packet | None:
-        p = self._pkt
-        if rc == lib.PV_EMPTY:
-            return None
-        if rc != lib.PV_OK:
+        if rc != _OK:
+            if rc == _EMPTY_RC:
+                return None
             raise self.corruption()
-        hlen, plen, off = p.header_len, p.packet_len, p.ring_offset
-        end = off + plen
-        if end <= self.data_size:
+        ptype, flags, hlen, plen, trans_id, off = PV_PACKET.unpack_from(self._pkt_fields)
+        if off + plen <= self.data_size:
             mem = self._mem
             base = CONTROL_SIZE + off
             header = _EMPTY if hlen == 16 else mem[base + 16 : base + hlen]
-            return Packet(p.type, p.flags, p.trans_id, header, mem[base + hlen : base + plen])
-        return IncomingRingBase.packet_from(self, p.type, p.flags, hlen, plen, p.trans_id, off)
+            return _new_tuple(Packet, (ptype, flags, trans_id, header, mem[base + hlen : base + plen]))
+        return IncomingRingBase.packet_from(self, ptype, flags, hlen, plen, trans_id, off)
 
     def read_into(self, out: Buffer, max_packets: int = 1024, *, payload_only: bool = False) -> ReadBatch:
         """Take up to ``max_packets`` packets, copying them back to back into

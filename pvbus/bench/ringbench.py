@@ -23,7 +23,7 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from . import peers, workload
-from .ringpair import RingPair
+from .ringpair import RingPair, data_size_for
 from .runner import run_roles
 
 PAYLOADS = (64, 4096, 65536)
@@ -36,10 +36,10 @@ class RingTransport:
 
     batch_api = True
 
-    def __init__(self, polling: bool) -> None:
+    def __init__(self, polling: bool, payload: int) -> None:
         self.polling = polling
         self.name = "pvbus.ring"
-        self.pair = RingPair()
+        self.pair = RingPair(data_size_for(payload))
 
     def endpoint(self, side: int) -> Any:
         return self.pair.side(side, polling=self.polling)
@@ -59,7 +59,7 @@ def one_way(make: Any, size: int, batch: int, seconds: float) -> dict[str, Any]:
     """Calibrate a count that takes about ``seconds``, then measure it."""
     count = 2000 if size < 65536 else 200
     while True:
-        transport = make()
+        transport = make(size)
         try:
             prod, cons = run_roles(
                 transport,
@@ -85,7 +85,7 @@ def one_way(make: Any, size: int, batch: int, seconds: float) -> dict[str, Any]:
 
 
 def round_trip(make: Any, size: int, iterations: int, one_core: bool = False) -> dict[str, Any]:
-    transport = make()
+    transport = make(size)
     try:
         ping, pong = run_roles(
             transport,
@@ -126,13 +126,13 @@ def best_round_trip(make: Any, size: int, iterations: int, spinning: bool) -> di
 
 
 def transports() -> list[tuple[str, str, Any, bool]]:
-    """(transport name, wake-up mode, factory, has a batch API)."""
+    """(transport name, wake-up mode, factory taking the payload size, has a batch API)."""
     rows: list[tuple[str, str, Any, bool]] = [
-        ("pvbus.ring", "interrupt", lambda: RingTransport(polling=False), True),
-        ("pvbus.ring", "polling", lambda: RingTransport(polling=True), True),
+        ("pvbus.ring", "interrupt", lambda size: RingTransport(False, size), True),
+        ("pvbus.ring", "polling", lambda size: RingTransport(True, size), True),
     ]
     for cls in peers.available_peers():
-        rows.append((cls.name, "blocking", (lambda c=cls: _peer(c)), cls.batch_api))
+        rows.append((cls.name, "blocking", (lambda size, c=cls: _peer(c)), cls.batch_api))
     return rows
 
 
@@ -176,6 +176,8 @@ def run(*, quick: bool = False, progress: Any = None) -> dict[str, Any]:
                     progress(f"{name} {wake}/{batching} {size} B")
                 rec: dict[str, Any] = {"transport": name, "payload_bytes": size, "mode": f"{wake}/{batching}",
                                        "batch": batch}
+                if name == "pvbus.ring":
+                    rec["ring_data_bytes"] = data_size_for(size)
                 rec.update(one_way(make, size, batch, seconds))
                 rec.update({"rtt_p50_us": None, "rtt_p99_us": None})
                 if batching == "single" and size == RTT_PAYLOAD:

@@ -40,6 +40,8 @@ from ring._layout import DESCRIPTOR_SIZE, TRAILER_SIZE, pad8
 from . import workload
 
 POLL_SPINS = 200_000  # about a millisecond of spinning before the doorbell
+DEFAULT_DATA_SIZE = 2 << 20
+RING_PACKETS = 256
 
 
 def packet_total(payload: int) -> int:
@@ -47,11 +49,20 @@ def packet_total(payload: int) -> int:
     return DESCRIPTOR_SIZE + pad8(payload) + TRAILER_SIZE
 
 
+def data_size_for(payload: int) -> int:
+    """A ring sized in packets, as devices size theirs (a NIC's descriptor
+    count, netvsc's send sections): room for RING_PACKETS packets of
+    ``payload`` bytes, at least 2 MiB.  A writer that outruns its reader
+    sleeps until half the ring is free, one signal per half ring: with 64 KiB
+    packets a 2 MiB ring costs a signal every 16 packets, this one every 128."""
+    return max(DEFAULT_DATA_SIZE, -(-RING_PACKETS * packet_total(payload) // 4096) * 4096)
+
+
 @dataclass
 class RingPair:
     """The shared parts: the memfd holding both rings and one doorbell per side."""
 
-    data_size: int = 2 << 20
+    data_size: int = DEFAULT_DATA_SIZE
     shm: SharedMemory = field(init=False)
     doorbells: tuple[Doorbell, Doorbell] = field(init=False)
 

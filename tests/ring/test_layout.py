@@ -39,6 +39,15 @@ def test_constants_agree_between_c_and_python() -> None:
     assert lib.PV_MAX_LEN8 == L.MAX_LEN8 == 0xFFFF
 
 
+def test_packet_record_format_matches_the_c_struct() -> None:
+    from ring._cring import PV_PACKET
+
+    assert PV_PACKET.size == ffi.sizeof("pv_packet")
+    p = ffi.new("pv_packet *", {"type": 0xB, "flags": 1, "header_len": 24, "packet_len": 88,
+                                "trans_id": 0x1122334455667788, "ring_offset": 4000})
+    assert PV_PACKET.unpack_from(ffi.buffer(p)) == (0xB, 1, 24, 88, 0x1122334455667788, 4000)
+
+
 def test_gpa_direct_header_bytes() -> None:
     from ring import GpaRange
     from ring._api import encode_gpa_direct_header

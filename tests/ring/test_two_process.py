@@ -37,7 +37,7 @@ def test_batched_stream_and_round_trips(polling: bool) -> None:
     from pvbus.bench.ringbench import RingTransport
 
     count, size = 200_000, 64
-    transport = RingTransport(polling=polling)
+    transport = RingTransport(polling, size)
     try:
         prod, cons = run_roles(
             transport,
@@ -49,7 +49,7 @@ def test_batched_stream_and_round_trips(polling: bool) -> None:
     assert cons["received"] == count and cons["crc"] == workload.expected_crc(count, size)
     assert (prod["signals"] + cons["signals"]) / count <= 0.01
 
-    transport = RingTransport(polling=polling)
+    transport = RingTransport(polling, size)
     try:
         ping, pong = run_roles(
             transport, [("ping", {"iterations": 2000, "size": 64}), ("pong", {"iterations": 2000, "size": 64})]
