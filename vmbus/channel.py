@@ -227,6 +227,7 @@ class Requestor:
         self._waiting_for_room = 0
         self.stray_completions = 0
         self.failed_in_flight = 0  # requests woken by a rescind before their completion came
+        self.batches_completed = 0  # (a poller compares it to see whether its reaping woke a waiter)
 
     @property
     def outstanding(self) -> int:
@@ -315,6 +316,7 @@ class Requestor:
         batch.remaining -= 1
         if batch.remaining == 0:
             batch.done.set()
+            self.batches_completed += 1
         return True
 
     def fail_all(self) -> None:
