@@ -31,6 +31,17 @@ from ._ring_c import ffi, lib
 PV_PACKET = struct.Struct("<HHII4xQI4x")  # type, flags, header_len, packet_len, trans_id, ring_offset
 _OK, _EMPTY_RC = lib.PV_OK, lib.PV_EMPTY
 _new_tuple = tuple.__new__
+# Below this size a payload that is not bytes (a view of another ring, say)
+# is copied to bytes for the C call: cheaper than pinning it with
+# ffi.from_buffer (measured 0.1 vs 0.4 us at 64 B).
+SMALL_COPY = 512
+
+
+def _c_payload(payload: Buffer) -> Any:
+    """A payload that is not bytes, as the C call takes it."""
+    if len(payload) <= SMALL_COPY:  # type: ignore[arg-type]
+        return bytes(payload)
+    return ffi.from_buffer(payload)
 from .errors import CORRUPT_REASONS, PacketTooLarge, RingCorrupt, RingFull
 
 
@@ -139,7 +150,7 @@ class OutgoingRing(_CRing, OutgoingRingBase):
                 self, payload, trans_id=trans_id, completion_requested=completion_requested,
                 packet_type=packet_type, header=header,
             )
-        buf = payload if type(payload) is bytes else ffi.from_buffer(payload)
+        buf = payload if type(payload) is bytes else _c_payload(payload)
         rc = lib.pv_ring_write1(
             self._handle, packet_type, 1 if completion_requested else 0, trans_id, buf, len(buf), self._needed
         )
@@ -149,7 +160,7 @@ class OutgoingRing(_CRing, OutgoingRingBase):
     write.__doc__ = OutgoingRingBase.write.__doc__
 
     def send(self, payload: Buffer, *, trans_id: int = 0, completion_requested: bool = False) -> bool:
-        buf = payload if type(payload) is bytes else ffi.from_buffer(payload)
+        buf = payload if type(payload) is bytes else _c_payload(payload)
         rc = lib.pv_ring_send1(
             self._handle, 6, 1 if completion_requested else 0, trans_id, buf, len(buf), self._needed
         )
