@@ -233,10 +233,11 @@ class RingSide:
             t0 = time.perf_counter_ns()
             self.send_one(msg, i)
             pkt = self.receive_one()
-            self.commit_rx()
-            t1 = time.perf_counter_ns()
-            if pkt is None or pkt.trans_id != i or bytes(pkt.payload[:size]) != msg:
+            t1 = time.perf_counter_ns()  # the echo is in hand
+            # Checked in place, then released: the view is valid until the commit.
+            if pkt is None or pkt.trans_id != i or pkt.payload[:size] != msg:
                 raise RuntimeError(f"round trip {i} came back wrong")
+            self.commit_rx()
             if i >= warmup:
                 rtts.append(t1 - t0)
         return {"rtt_ns": rtts, "signals": self.peer.rings}
