@@ -289,3 +289,21 @@ def test_guest_queue_stays_masked_while_anyone_polls_and_rechecks_when_the_last_
     assert queue.stray_completions == 1 and rig.guest_in.available == 0
     queue.let_go(second)  # letting go twice changes nothing
     assert not masked() and queue.stray_completions == 1
+
+
+def test_host_publishes_large_transfers_one_by_one_and_small_ones_in_a_batch(rig: Rig) -> None:
+    def published() -> int:  # completions visible to the guest
+        return rig.guest_in.available // (16 + S.PACKET_SIZE + 8)  # descriptor, vstor packet, trailer
+
+    # Three 256 KiB reads: each completion is published as soon as its copy
+    # is done (the guest may be waiting for just that one), with a signal.
+    blocks = (256 << 10) // 512
+    rig.stage(*[(False, False, 0, blocks, DATA_PFN + 64 * i, i + 1) for i in range(3)])
+    assert hlib.storvsp_serve(rig.q) == hlib.SVQ_SIGNAL
+    assert rig.q.requests == 1 and published() == 1
+    assert rig.serve() == hlib.SVQ_STOPPED
+    assert [c.trans_id for c in rig.reap()] == [1, 2, 3]
+    # Sixteen 4 KiB reads: served, then published with one index store.
+    rig.stage(*[(False, False, i * 8, 8, DATA_PFN + i, 10 + i) for i in range(16)])
+    assert hlib.storvsp_serve(rig.q) == hlib.SVQ_SIGNAL
+    assert rig.q.requests == 19 and published() == 16
