@@ -49,8 +49,14 @@ def _select_devices(names: list[str] | None, config: dict[str, dict[str, Any]] |
     return {n: devices[n] for n in names}
 
 
-async def _until_signal(cancel: trio.CancelScope) -> None:
+async def _until_signal(cancel: trio.CancelScope, *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Cancel ``cancel`` on SIGTERM or SIGINT.  Start it with ``nursery.start``:
+    it reports started once the handlers are in place, so a signal that comes
+    right after (a program that says it booted, then gets stopped) is not
+    taken by the default action."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for _ in signals:
             cancel.cancel()
             return
@@ -86,7 +92,7 @@ async def host_main(socket_path: str, device_names: list[str] | None, versions: 
     service = HostService(socket_path, devices.values(), versions=parse_versions(versions) or HOST_VERSIONS,
                           device_config=config, emulated_disks=emulated_disks)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_until_signal, nursery.cancel_scope)
+        await nursery.start(_until_signal, nursery.cancel_scope)
         await nursery.start(service.run)
         print(f"ready {socket_path}", flush=True)
     return 0
@@ -105,7 +111,7 @@ async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: i
         async with trio.open_nursery() as nursery:
             await kernel.boot(socket_path, nursery)
             with trio.CancelScope() as program_scope:
-                nursery.start_soon(_until_signal, program_scope)
+                await nursery.start(_until_signal, program_scope)
                 status = await func(kernel, argv)
             if program_scope.cancelled_caught:
                 status = 0  # asked to stop: shut down cleanly and say so
