@@ -77,11 +77,14 @@ class DiskQueue(Requestor):
 
     def let_go(self, holder: object) -> None:
         """``holder`` stops looking; the last holder unmasks, then reaps what
-        came between its last look and the unmask (that raised no interrupt)."""
+        came between its last look and the unmask (that raised no interrupt),
+        and re-checks after each reap: the host does not signal a completion
+        it publishes while our reaped ones are still uncommitted (the ring was
+        not empty for it), so only a re-check after our commit finds it."""
         if holder not in self._holders:
             return
         self._holders.discard(holder)
-        if not self._holders and self.channel.active and self.channel.incoming.unmask():
+        while not self._holders and self.channel.active and self.channel.incoming.unmask():
             self.reap()
 
     def _poll_wanted(self) -> bool:

@@ -307,3 +307,36 @@ def test_host_publishes_large_transfers_one_by_one_and_small_ones_in_a_batch(rig
     rig.stage(*[(False, False, i * 8, 8, DATA_PFN + i, 10 + i) for i in range(16)])
     assert hlib.storvsp_serve(rig.q) == hlib.SVQ_SIGNAL
     assert rig.q.requests == 19 and published() == 16
+
+
+def test_letting_go_re_checks_after_its_own_reap(rig: Rig) -> None:
+    """The race a single re-check loses: the host publishes a completion while
+    our reap has taken the earlier one but not committed it, so the ring is
+    not empty for the host and it does not signal; only a re-check after the
+    commit finds the new one."""
+    from guest_kernel.drivers.storvsc_queue import DiskQueue
+    from vmbus.channel import Channel
+
+    async def never() -> None:
+        raise AssertionError("nothing here sleeps")
+
+    channel = Channel(1, rig.guest_out, rig.guest_in, lambda: None, never)
+    queue = DiskQueue(channel, capacity=8)
+    completion = S.packet(S.Operation.COMPLETE_IO, 0, b"")
+    holder = object()
+    queue.hold(holder)
+    rig.host_out.write(completion, trans_id=3, packet_type=PacketType.COMPLETION)
+    assert rig.host_out.commit() is False  # masked: no signal
+    commit_read = channel.commit_read
+    raced: list[bool] = []
+
+    def host_publishes_before_our_commit(packets: int) -> None:
+        if not raced:
+            rig.host_out.write(completion, trans_id=4, packet_type=PacketType.COMPLETION)
+            raced.append(rig.host_out.commit())
+        commit_read(packets)
+
+    channel.commit_read = host_publishes_before_our_commit  # type: ignore[method-assign]
+    queue.let_go(holder)
+    assert raced == [False]  # the host saw a non-empty ring and did not signal
+    assert rig.guest_in.available == 0 and queue.stray_completions == 2  # both reaped anyway
