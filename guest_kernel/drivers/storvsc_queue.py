@@ -27,7 +27,6 @@ will look at it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,9 +39,6 @@ from vmbus.errors import ChannelClosed, ChannelRevoked
 from ._storvsc_c import ffi, lib
 
 DEFAULT_POLL_US = 200
-# A submitter answered while it polled skips the scheduler, but not for
-# longer than this: then it yields like any trio call.
-YIELD_EVERY_NS = 1_000_000
 # Poll only while at most this much data is in flight: beyond it the host's
 # copies take longer than a poll, and on a small machine a spinning guest
 # takes a CPU from them.
@@ -65,7 +61,6 @@ class DiskQueue(Requestor):
         self._count = ffi.new("uint32_t *")
         self._needed = ffi.new("uint32_t *")
         self._holders: set[object] = set()
-        self._yielded_at = 0  # perf_counter_ns of the last time a waiter here went through the scheduler
 
     # -- interrupt masking ------------------------------------------------
 
@@ -152,19 +147,10 @@ class DiskQueue(Requestor):
                 if not woke_another:
                     break  # done, or nothing came in time: sleep on the interrupt (letting go re-checks)
                 await trio.lowlevel.checkpoint()  # the task we woke runs; we poll again after it
-                self._yielded_at = time.perf_counter_ns()
         finally:
             for q in self.group:
                 q.let_go(batch)
-        if batch.done.is_set() and time.perf_counter_ns() - self._yielded_at < YIELD_EVERY_NS:
-            # Answered while we polled: return without a pass through the
-            # scheduler (about 15 us here, more than a 4 KiB request took),
-            # still a cancellation point.  Other tasks wait at most
-            # YIELD_EVERY_NS for us, and at once when our reaping woke one.
-            await trio.lowlevel.checkpoint_if_cancelled()
-            return
         await batch.done.wait()
-        self._yielded_at = time.perf_counter_ns()
 
     # -- reads and writes -------------------------------------------------
 
