@@ -23,6 +23,7 @@ from ._api import (
 )
 from ._layout import CONTROL_SIZE
 from ._ring_c import ffi, lib
+from .errors import CORRUPT_REASONS, PacketTooLarge, RingCorrupt, RingFull
 
 # The per-packet path (read_packet/poll_packet) is the round-trip latency
 # of every request/response device, so it avoids per-field cffi reads: the
@@ -42,7 +43,6 @@ def _c_payload(payload: Buffer) -> Any:
     if len(payload) <= SMALL_COPY:  # type: ignore[arg-type]
         return bytes(payload)
     return ffi.from_buffer(payload)
-from .errors import CORRUPT_REASONS, PacketTooLarge, RingCorrupt, RingFull
 
 
 _EMPTY = memoryview(b"")

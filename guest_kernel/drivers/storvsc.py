@@ -239,12 +239,9 @@ class StorvscDriver(GuestDriver):
         async def run(queue: DiskQueue, picked: list[int]) -> None:
             answers = await queue.io([requests[i] for i in picked])
             for i, answer in zip(picked, answers):
-                if type(answer) is int:
-                    if answer == lengths[i]:
-                        continue
-                    failed: BlockError | None = BlockError(f"short transfer: {answer} of {lengths[i]} bytes")
-                else:
-                    failed, _ = self._failure(answer, opcode)
+                failed, transferred = self._outcome(answer, opcode)
+                if failed is None and transferred != lengths[i]:
+                    failed = BlockError(f"short transfer: {transferred} of {lengths[i]} bytes")
                 if failed is not None:
                     failures.append((i, failed))
 
@@ -363,15 +360,18 @@ class StorvscDriver(GuestDriver):
             for op, pkt in zip(commands, await queue.request_many(items)):
                 op.result = self._io_result(op, pkt)
 
-    def _io_result(self, op: _Op, answer: int | Packet) -> BlockResult:
-        """``answer``: the bytes moved by a command that succeeded (the C
-        reaper checked its statuses), or its completion packet."""
+    def _outcome(self, answer: int | Packet, opcode: int) -> tuple[BlockError | None, int]:
+        """What a queue answered for a command: the bytes moved by one that
+        succeeded (the C reaper checked its statuses), or its completion
+        packet, decoded; returns (the error or None, bytes transferred)."""
         if isinstance(answer, int):
-            transferred = answer
-        else:
-            failed, transferred = self._failure(answer, self._opcode(op))
-            if failed is not None:
-                return BlockResult(error=failed)
+            return None, answer
+        return self._failure(answer, opcode)
+
+    def _io_result(self, op: _Op, answer: int | Packet) -> BlockResult:
+        failed, transferred = self._outcome(answer, self._opcode(op))
+        if failed is not None:
+            return BlockResult(error=failed)
         if op.read_back:
             return BlockResult(data=bytes(self.ram.pages_view(op.pfn, op.owned_pages)[: min(transferred, op.length)]))
         return BlockResult()

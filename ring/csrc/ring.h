@@ -215,10 +215,7 @@ int64_t pv_ring_unmask(pv_ring *r);
  * or -PV_CORRUPT.  Releases the GIL (cffi does) so it costs no Python. */
 int64_t pv_ring_poll(pv_ring *r, uint32_t spins);
 
-/* pv_ring_poll with a time budget: spin for up to `usec` microseconds. */
-int64_t pv_ring_poll_us(pv_ring *r, uint32_t usec);
-
-/* Spin over `n` rings for up to `usec` microseconds: the index of the
- * first with data (or a corrupt index, which its next read reports), or
- * -1 if none had any in time. */
+/* Spin over `n` rings (one is fine) for up to `usec` microseconds: the
+ * index of the first with data (or a corrupt index, which its next read
+ * reports), or -1 if none had any in time. */
 int pv_ring_poll_many(pv_ring *const *rings, uint32_t n, uint32_t usec);

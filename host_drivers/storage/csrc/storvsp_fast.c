@@ -263,7 +263,7 @@ int storvsp_serve(storvsp_queue *q)
         }
         if (served)
             continue;
-        if (q->spin_us && pv_ring_poll_us(q->inbound, q->spin_us) != 0) {
+        if (q->spin_us && pv_ring_poll_many(&q->inbound, 1, q->spin_us) >= 0) {
             q->polls_hit++;   /* more work (or a corrupt index the next peek reports) */
             continue;
         }
