@@ -20,7 +20,7 @@ def test_writing_a_driver_walkthrough(tmp_path: Path) -> None:
     names = [name for name, _ in blocks]
     assert names == [
         "pvbus_entropy/protocol.py", "pvbus_entropy/host.py", "pvbus_entropy/guest.py",
-        "pvbus_entropy/__init__.py", "pyproject.toml", "pvbus_entropy/demo.py",
+        "pvbus_entropy/__init__.py", "pyproject.toml", "pvbus_entropy/demo.py", "tests/test_entropy.py",
     ]
     src = tmp_path / "pvbus-entropy"
     for name, text in blocks:
@@ -34,6 +34,12 @@ def test_writing_a_driver_walkthrough(tmp_path: Path) -> None:
     )
     assert list(site.glob("pvbus_entropy-*.dist-info"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    unit = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(src / "tests" / "test_entropy.py")],
+        capture_output=True, timeout=120, env=env, cwd=tmp_path,
+    )
+    assert unit.returncode == 0, unit.stdout.decode()[-3000:]
+    assert "1 passed" in unit.stdout.decode()
     res = subprocess.run(
         [sys.executable, "-m", "pvbus", "run", "--ram", "32", "--program", "pvbus_entropy.demo:main"],
         capture_output=True, timeout=120, env=env,
