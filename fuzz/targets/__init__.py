@@ -1,0 +1,1 @@
+"""The fuzz targets, one module per parser of guest input (see ``fuzz``)."""
