@@ -9,8 +9,7 @@ never handed out, so GPA 0 can mean "none".
 
 from __future__ import annotations
 
-from ring import SharedMemory
-from ring._ring_c import ffi, lib
+from ring import SharedMemory, SharedWords
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -27,7 +26,7 @@ class GuestRam:
         self.size = size
         self.pages = size >> PAGE_SHIFT
         self.view = memoryview(self.shm.buf)
-        self._base = ffi.from_buffer(self.shm.buf)
+        self._words = SharedWords(self.shm.buf)
         self._used = bytearray(self.pages)
         self._used[0] = 1
         self._hint = 1
@@ -67,17 +66,17 @@ class GuestRam:
 
     # atomics on the SynIC pages (the guest's side of the handshakes)
     def load32(self, gpa: int) -> int:
-        return lib.pv_load32(self._base + gpa)
+        return self._words.load32(gpa)
 
     def store32(self, gpa: int, value: int) -> None:
-        lib.pv_store32(self._base + gpa, value)
+        self._words.store32(gpa, value)
 
     def xchg64(self, gpa: int, value: int) -> int:
-        return lib.pv_xchg64(self._base + gpa, value)
+        return self._words.xchg64(gpa, value)
 
     def close(self) -> None:
         self.view.release()
-        self._base = None
+        self._words.release()
         self.shm.close()
 
 

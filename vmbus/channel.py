@@ -205,7 +205,7 @@ class Channel:
         self.revoked = True
 
 
-class _Batch:
+class Batch:
     """Requests sent together and waited for together: one wake-up per batch."""
 
     __slots__ = ("remaining", "done", "results")
@@ -221,7 +221,7 @@ class Requestor:
 
     def __init__(self, channel: Channel, capacity: int = 256) -> None:
         self.channel = channel
-        self._slots: list[_Batch | None] = [None] * capacity
+        self._slots: list[Batch | None] = [None] * capacity
         self._free = list(range(capacity, 0, -1))
         self._room = trio.Condition()
         self._waiting_for_room = 0
@@ -276,7 +276,7 @@ class Requestor:
         tids: list[int] = []
         try:
             tids = await self._take_slots(count)
-            batch = _Batch(len(tids))
+            batch = Batch(len(tids))
             for tid in tids:
                 self._slots[tid - 1] = batch
             await send(tids)
@@ -292,7 +292,7 @@ class Requestor:
                 async with self._room:
                     self._room.notify_all()
 
-    async def wait(self, batch: _Batch) -> None:
+    async def wait(self, batch: Batch) -> None:
         """Until every request of ``batch`` is answered (or the channel goes);
         a subclass may poll here instead of sleeping at once."""
         await batch.done.wait()

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ring import SharedMemory
-from ring._ring_c import ffi, lib
+from ring import SharedMemory, SharedWords
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -34,7 +33,7 @@ class GuestMemory:
         self.size = size
         self.pages = size >> PAGE_SHIFT
         self._view = memoryview(self._shm.buf)
-        self._base = ffi.from_buffer(self._shm.buf)
+        self._words = SharedWords(self._shm.buf)
 
     @property
     def fd(self) -> int:
@@ -45,7 +44,7 @@ class GuestMemory:
         """Where the RAM is mapped, for C fast paths: they index it only
         through ``vmbus/csrc/guest_pages.h``, which applies the same checks
         as ``iovec``.  Valid until ``close``."""
-        return int(ffi.cast("uintptr_t", self._base))
+        return self._words.address
 
     def check_range(self, gpa: int, length: int) -> None:
         # Overflow-safe: gpa > size or length > size - gpa (never gpa + length).
@@ -106,26 +105,26 @@ class GuestMemory:
 
     # -- atomics for the SynIC pages (word-aligned, checked) ---------------
 
-    def _word(self, gpa: int, width: int) -> object:
+    def _word(self, gpa: int, width: int) -> int:
         if gpa % width:
             raise GuestMemoryError(f"GPA {gpa:#x} not {width}-aligned")
         self.check_range(gpa, width)
-        return self._base + gpa
+        return gpa
 
     def load32(self, gpa: int) -> int:
-        return lib.pv_load32(self._word(gpa, 4))
+        return self._words.load32(self._word(gpa, 4))
 
     def store32(self, gpa: int, value: int) -> None:
-        lib.pv_store32(self._word(gpa, 4), value)
+        self._words.store32(self._word(gpa, 4), value)
 
     def or8(self, gpa: int, value: int) -> int:
-        return lib.pv_or8(self._word(gpa, 1), value)
+        return self._words.or8(self._word(gpa, 1), value)
 
     def or64(self, gpa: int, value: int) -> int:
-        return lib.pv_or64(self._word(gpa, 8), value)
+        return self._words.or64(self._word(gpa, 8), value)
 
     def close(self) -> None:
         self._view.release()
-        self._base = None
+        self._words.release()
         self._shm.close()
 

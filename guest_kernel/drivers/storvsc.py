@@ -23,8 +23,7 @@ from typing import Any
 
 import trio
 
-from ring import GpaRange, Packet, PacketType
-from ring._api import encode_gpa_direct_header
+from ring import GpaRange, Packet, PacketType, encode_gpa_direct_header
 from vmbus.channel import Channel
 from vmbus.device import GuestDriver
 from vmbus.errors import ChannelRevoked

@@ -33,7 +33,7 @@ from typing import Any
 import trio
 
 from ring import Packet
-from vmbus.channel import Channel, Requestor, _Batch
+from vmbus.channel import Channel, Requestor, Batch
 from vmbus.errors import ChannelClosed, ChannelRevoked
 
 from ._storvsc_c import ffi, lib
@@ -116,7 +116,7 @@ class DiskQueue(Requestor):
         except (ChannelRevoked, ChannelClosed):
             self.fail_all()
 
-    async def wait(self, batch: _Batch) -> None:
+    async def wait(self, batch: Batch) -> None:
         """Poll every busy queue of the disk (``group``) for up to
         ``poll_us`` at a time, reaping whatever arrives, until ``batch`` is
         done; sleep on the interrupt once a poll comes back empty.

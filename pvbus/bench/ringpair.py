@@ -29,13 +29,15 @@ from typing import Any
 
 from ring import (
     CONTROL_SIZE,
+    DESCRIPTOR_SIZE,
+    TRAILER_SIZE,
     Doorbell,
     IncomingRing,
     OutgoingRing,
     RingFull,
     SharedMemory,
+    pad8,
 )
-from ring._layout import DESCRIPTOR_SIZE, TRAILER_SIZE, pad8
 
 from . import workload
 
