@@ -11,11 +11,14 @@ or LBAs: ``read``, ``write`` (optionally FUA), ``flush``, ``discard``, and
 published with one ring commit per queue, so a batch of N costs at most
 one HvSignalEvent per queue.  Data travels by page list (GPA-direct): the
 driver copies a write into pages of guest RAM and names them; the host
-reads or writes them in place.  ``BlockFile`` gives a file-like view.
+reads or writes them in place.  ``open()`` and ``open_sync()`` give the
+disk as an async or a standard blocking Python file (``blockfile``).
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +33,10 @@ from vmbus.errors import ChannelRevoked
 from vmbus.protocols import storvsc as S
 
 from ..memory import DmaBuffer
+from .blockfile import BlockFile, BlockRawIO, open_sync
 from .storvsc_queue import DEFAULT_POLL_US, DiskQueue
+
+__all__ = ["BlockError", "BlockFile", "BlockRawIO", "BlockRequest", "BlockResult", "StorvscDriver"]
 
 PAGE = 4096
 SUBCHANNEL_WAIT = 5.0
@@ -44,7 +50,11 @@ BYTES_PER_QUEUE = 8 << 20
 
 
 class BlockError(IOError):
-    """The disk answered with an error: a SCSI CHECK CONDITION or an NTSTATUS."""
+    """The disk answered with an error: a SCSI CHECK CONDITION or an NTSTATUS.
+
+    ``sense`` keeps the (key, ASC, ASCQ) codes, the message says them in
+    words; ``errno`` is EROFS for a write-protected disk, ENOSPC when the
+    host's storage is full, EIO for any other sense."""
 
     def __init__(self, message: str, *, sense: tuple[int, int, int] | None = None, status: int = 0,
                  index: int | None = None) -> None:
@@ -52,6 +62,9 @@ class BlockError(IOError):
         self.sense = sense
         self.status = status
         self.index = index  # which request of a vectored call failed
+        if sense is not None:
+            self.errno = {S.WRITE_PROTECTED: errno.EROFS, S.SPACE_ALLOCATION_FAILED: errno.ENOSPC}.get(
+                sense, errno.EIO)
 
 
 @dataclass
@@ -389,8 +402,12 @@ class StorvscDriver(GuestDriver):
         srb_status, scsi_status, transferred, sense = srb[1], srb[2], srb[11], srb[12]
         if scsi_status != S.ScsiStatus.GOOD or (srb_status & 0x3F) != S.SrbStatus.SUCCESS:
             key = S.parse_sense(sense) if srb_status & S.SrbStatus.AUTOSENSE_VALID else None
-            what = f"sense {key[0]:#x}/{key[1]:#x}/{key[2]:#x}" if key else f"SRB status {srb_status:#x}"
-            return BlockError(f"SCSI {opcode:#04x} failed: {what}", sense=key), 0
+            what = S.describe_sense(*key) if key else f"SRB status {srb_status:#x}"
+            try:
+                command = f"{S.Opcode(opcode).name} ({opcode:#04x})"
+            except ValueError:
+                command = f"{opcode:#04x}"
+            return BlockError(f"SCSI {command} failed: {what}", sense=key), 0
         return None, transferred
 
     async def _one(self, req: BlockRequest) -> bytes | None:
@@ -418,54 +435,11 @@ class StorvscDriver(GuestDriver):
         await self.write(lba * self.block_size, data, fua=fua)
 
     def open(self) -> BlockFile:
+        """The disk as an async file (see ``blockfile``)."""
         return BlockFile(self)
 
+    def open_sync(self, buffer_size: int = io.DEFAULT_BUFFER_SIZE) -> io.BufferedRandom | io.BufferedReader:
+        """The disk as a standard buffered blocking file, for a worker thread
+        (``trio.to_thread.run_sync``); see ``blockfile``."""
+        return open_sync(self, buffer_size)
 
-class BlockFile:
-    """A file-like view of the disk: async ``read``/``write`` at a position,
-    ``seek``/``tell``; reads and writes of any length and alignment (partial
-    blocks are read, merged and written back)."""
-
-    def __init__(self, disk: StorvscDriver) -> None:
-        self.disk = disk
-        self.pos = 0
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self.pos, 2: self.disk.capacity}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def _span(self, n: int) -> tuple[int, int]:
-        bs = self.disk.block_size
-        start = self.pos - self.pos % bs
-        end = min(self.disk.capacity, -(-(self.pos + n) // bs) * bs)
-        return start, end
-
-    async def read(self, n: int = -1) -> bytes:
-        if n < 0:
-            n = self.disk.capacity - self.pos
-        n = max(0, min(n, self.disk.capacity - self.pos))
-        out = bytearray()
-        while len(out) < n:
-            start, end = self._span(min(n - len(out), self.disk.max_transfer - self.disk.block_size))
-            data = await self.disk.read(start, end - start)
-            chunk = data[self.pos - start : self.pos - start + n - len(out)]
-            out += chunk
-            self.pos += len(chunk)
-        return bytes(out)
-
-    async def write(self, data: bytes) -> int:
-        view = memoryview(bytes(data))
-        while view:
-            start, end = self._span(min(len(view), self.disk.max_transfer - self.disk.block_size))
-            take = min(len(view), end - self.pos)
-            block = bytearray(await self.disk.read(start, end - start)) if (
-                self.pos != start or (self.pos + take) % self.disk.block_size) else bytearray(end - start)
-            block[self.pos - start : self.pos - start + take] = view[:take]
-            await self.disk.write(start, block)
-            self.pos += take
-            view = view[take:]
-        return len(data)

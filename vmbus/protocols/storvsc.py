@@ -87,11 +87,18 @@ class ScsiStatus(IntEnum):
 
 class SenseKey(IntEnum):
     NO_SENSE = 0x0
+    RECOVERED_ERROR = 0x1
     NOT_READY = 0x2
     MEDIUM_ERROR = 0x3
     HARDWARE_ERROR = 0x4
     ILLEGAL_REQUEST = 0x5
+    UNIT_ATTENTION = 0x6
     DATA_PROTECT = 0x7
+    BLANK_CHECK = 0x8
+    COPY_ABORTED = 0xA
+    ABORTED_COMMAND = 0xB
+    VOLUME_OVERFLOW = 0xD
+    MISCOMPARE = 0xE
 
 
 class Opcode(IntEnum):
@@ -135,6 +142,45 @@ def parse_sense(data: bytes) -> tuple[int, int, int]:
     if len(data) < 14 or data[0] & 0x7F not in (0x70, 0x71):
         return 0, 0, 0
     return data[2] & 0xF, data[12], data[13]
+
+
+# The additional sense codes (ASC, ASCQ) a disk commonly reports, in words
+# (SPC-4 annex D, the table Linux prints from drivers/scsi/sense_codes.h).
+ADDITIONAL_SENSE: Final[dict[tuple[int, int], str]] = {
+    (0x04, 0x00): "logical unit not ready",
+    (0x04, 0x01): "logical unit becoming ready",
+    (0x04, 0x02): "logical unit not ready, start required",
+    (0x0C, 0x00): "write error",
+    (0x11, 0x00): "unrecovered read error",
+    (0x1A, 0x00): "parameter list length error",
+    (0x20, 0x00): "invalid command operation code",
+    (0x21, 0x00): "logical block address out of range",
+    (0x24, 0x00): "invalid field in CDB",
+    (0x25, 0x00): "logical unit not supported",
+    (0x26, 0x00): "invalid field in parameter list",
+    (0x27, 0x00): "write-protected (read-only disk)",
+    (0x27, 0x07): "space allocation failed (the host's storage is full)",
+    (0x28, 0x00): "medium may have changed",
+    (0x29, 0x00): "power on or reset occurred",
+    (0x2A, 0x09): "capacity data has changed",
+    (0x3A, 0x00): "medium not present",
+    (0x3F, 0x0E): "reported LUNs data has changed",
+    (0x44, 0x00): "internal target failure",
+    (0x47, 0x00): "SCSI parity error",
+}
+
+
+def describe_sense(key: int, asc: int, ascq: int) -> str:
+    """Sense data in words, the codes kept: ``DATA PROTECT, write-protected
+    (read-only disk) (sense 0x7/0x27/0x0)``."""
+    try:
+        words = SenseKey(key).name.replace("_", " ")
+    except ValueError:
+        words = f"sense key {key:#x}"
+    detail = ADDITIONAL_SENSE.get((asc, ascq))
+    if detail:
+        words += f", {detail}"
+    return f"{words} (sense {key:#x}/{asc:#x}/{ascq:#x})"
 
 
 def packet(operation: int, status: int = 0, body: bytes = b"") -> bytes:
