@@ -19,7 +19,7 @@ import os
 import socket
 import struct
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -256,3 +256,22 @@ class Script:
 
     def data(self) -> bytes:
         return bytes(self.out)
+
+
+def run(async_fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """``trio.run``, with a lone exception out of nurseries raised as itself
+    (so a finding's report shows the host's own traceback)."""
+    try:
+        trio.run(async_fn, *args)
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out

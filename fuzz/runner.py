@@ -74,7 +74,7 @@ def run_one(name: str, extra: list[str], work: Path) -> None:
         write_seeds(name, module, seeds)
         inputs = [str(corpus), str(seeds)]
     defaults = {"-timeout": str(TIMEOUT_S), "-rss_limit_mb": str(RSS_LIMIT_MB),
-                "-artifact_prefix": f"{crashes}/", "-print_final_stats": "1"}
+                "-artifact_prefix": f"{crashes}/", "-print_final_stats": "1", "-max_len": "4096"}
     given = {f.split("=", 1)[0] for f in flags}
     argv = [f"fuzz-{name}", *(f"{k}={v}" for k, v in defaults.items() if k not in given), *flags, *inputs]
     atheris.Setup(argv, module.test_one_input)

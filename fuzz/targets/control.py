@@ -28,7 +28,7 @@ from pvbus.devices import ECHO, STORAGE
 from vmbus import hv
 from vmbus import protocol as P
 from vmbus import server as S
-from fuzz.rig import Input, Machine, ScratchDisk, Script, check, open_fds
+from fuzz.rig import Input, Machine, ScratchDisk, Script, check, open_fds, run
 
 TYPES = sorted(P.MESSAGES)
 CONN_IDS = (hv.VMBUS_MESSAGE_CONNECTION_ID, hv.VMBUS_MESSAGE_CONNECTION_ID_4, 0x2001, 0x2002)
@@ -110,7 +110,7 @@ def test_one_input(data: bytes) -> None:
     for _, msg in messages:
         check_decode(msg)
     fds = open_fds()
-    trio.run(drive, messages)
+    run(drive, messages)
     check(open_fds() == fds, f"{open_fds() - fds} descriptors left open")
 
 
