@@ -78,8 +78,14 @@ def changed_ranges(before: bytes, after: bytes | memoryview, granule: int = 64) 
 
 
 def inside(ranges: Iterable[tuple[int, int]], allowed: Iterable[tuple[int, int]]) -> bool:
-    allowed = list(allowed)
-    return all(any(a <= s and e <= b for a, b in allowed) for s, e in ranges)
+    """Whether every range lies within the union of ``allowed``."""
+    union: list[tuple[int, int]] = []
+    for a, b in sorted(allowed):
+        if union and a <= union[-1][1]:
+            union[-1] = (union[-1][0], max(union[-1][1], b))
+        else:
+            union.append((a, b))
+    return all(any(a <= s and e <= b for a, b in union) for s, e in ranges)
 
 
 class Machine:
@@ -168,7 +174,9 @@ class ScratchDisk:
     inputs and reset to its pattern by ``reset``."""
 
     def __init__(self, size: int = 64 << 10) -> None:
-        self.dir = tempfile.TemporaryDirectory(prefix="pvbus-fuzz-")
+        # In RAM where there is a tmpfs: a flush is then free, not a disk sync.
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self.dir = tempfile.TemporaryDirectory(prefix="pvbus-fuzz-", dir=shm)
         self.path = Path(self.dir.name) / "disk.img"
         self.pattern = bytes((i * 7 + (i >> 9)) & 0xFF for i in range(size))
         self.reset()
