@@ -6,15 +6,23 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SOURCES := setup.py pyproject.toml $(wildcard */_*_build.py */*/_*_build.py */csrc/* */*/csrc/*)
 
-.PHONY: all install run test bench clean
+.PHONY: all install run test bench clean system-packages
 
 all: test
 
-$(STAMP): $(SOURCES)
+$(STAMP): $(SOURCES) | system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
+
+# Debian tools the tests use, tolerant of failure (a test needing a missing
+# one skips and says why): fsck.fat (dosfstools) checks the FAT volume a
+# guest writes on its disk.
+system-packages:
+	@test -x /usr/sbin/fsck.fat || test -x /sbin/fsck.fat || \
+	  { apt-get install -y -q dosfstools || { apt-get update -q && apt-get install -y -q dosfstools; }; } >/dev/null 2>&1 || \
+	  echo "note: dosfstools (fsck.fat) could not be installed; the test that needs it will skip"
 
 install: $(STAMP)
 

@@ -28,17 +28,31 @@ class DiskImage:
         self.path = path
         self.read_only = read_only
         self.block_size = block_size
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             if size is None or read_only:
                 raise FileNotFoundError(errno.ENOENT, "no such disk image (give a size to create one)", path)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.ftruncate(fd, size)  # sparse: no blocks until written
-            os.close(fd)
+            self._create(path, size)
+        # An existing image or device is served as it is: never truncated or
+        # resized, whatever ``size`` says.
         self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         st = os.fstat(self.fd)
         self.size = os.lseek(self.fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
         self.size -= self.size % block_size
         self.blocks = self.size // block_size
+
+    @staticmethod
+    def _create(path: str, size: int) -> None:
+        """A new sparse image (no blocks until written).  ``O_EXCL``: a file
+        that appeared since the check is never truncated; one made here that
+        cannot take the size is removed again."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
 
     def readv(self, iov: Sequence[memoryview], offset: int) -> int:
         """Fill ``iov`` from ``offset``; returns the bytes read (short only at EOF)."""

@@ -6,6 +6,11 @@ each workload natively in this process, then starts a ``pvbus host`` on the
 same image and a ``pvbus guest`` running ``blockload.guest_program`` with
 the same workloads, and collects both sides' records (``pvbus bench``
 reuses this with the emulated modes added).
+
+Only an image this module creates is laid out: ``lay_out`` refuses a path
+that exists.  A caller may instead bring an existing disk (``image=``), used
+as it is, offered read-only unless ``read_only=False``; ``disk_size`` gives
+its size (a regular file's length, a block device's capacity).
 """
 
 from __future__ import annotations
@@ -38,24 +43,42 @@ def _quick(workloads: list[Workload], runtime: float) -> list[Workload]:
 
 
 def lay_out(path: str, size: int) -> None:
+    """Create ``path`` and fill it with ``size`` bytes of random data; a path
+    that exists is never touched (``FileExistsError``)."""
     chunk = os.urandom(1 << 20)
-    with open(path, "wb") as f:
-        for _ in range(size // len(chunk)):
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
+    with open(path, "xb") as f:
+        try:
+            for _ in range(size // len(chunk)):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            os.unlink(path)  # made here and unfinished: not left behind
+            raise
+
+
+def disk_size(path: str) -> int:
+    """The size of an existing image or block device, opened read-only."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def run_guest(image: str, workloads: list[Workload], modes: tuple[str, ...] = ("paravirt",),
-              progress: Any = None) -> list[dict[str, Any]]:
+              progress: Any = None, read_only: bool = False) -> list[dict[str, Any]]:
     """Start a host on ``image`` (with the emulated controllers when a mode
-    needs them) and a guest running ``blockload.guest_program``; return its
-    records, each with the host's CPU seconds spent meanwhile."""
+    needs them, offering it read-only if asked) and a guest running
+    ``blockload.guest_program``; return its records, each with the host's
+    CPU seconds spent meanwhile."""
     import psutil
 
     host_cmd = [sys.executable, "-m", "pvbus", "host", "--disk", image, "--device", "storage"]
     if set(modes) - {"paravirt"}:
         host_cmd.append("--emulated-disks")
+    if read_only:
+        host_cmd.append("--read-only")
     with tempfile.TemporaryDirectory(prefix="pvbus-bench-") as tmp:
         sock = os.path.join(tmp, "host.sock")
         host = subprocess.Popen([*host_cmd, "--socket", sock], stdout=subprocess.PIPE)
@@ -87,23 +110,32 @@ def run_guest(image: str, workloads: list[Workload], modes: tuple[str, ...] = ("
 
 
 def run(workloads: list[Workload], progress: Any = None, image: str | None = None,
-        modes: tuple[str, ...] = ("paravirt",), targets: Any = None) -> dict[str, Any]:
-    """Native in this process, then ``modes`` through a guest, on one laid-out
-    image; ``targets`` turns the records into the targets list."""
+        modes: tuple[str, ...] = ("paravirt",), targets: Any = None, read_only: bool = True) -> dict[str, Any]:
+    """Native in this process, then ``modes`` through a guest, on one image:
+    by default a temporary one laid out here (and removed after); else
+    ``image``, an existing disk used as it is, offered read-only unless
+    ``read_only`` is False (the caller runs only reads on a read-only one).
+    ``targets`` turns the records into the targets list."""
     from .ringbench import machine_info
 
     size = max(w.size for w in workloads)
     with tempfile.TemporaryDirectory(prefix="pvbus-disk-") as tmp:
-        path = image or os.path.join(tmp, "bench.img")
-        if progress:
-            progress(f"laying out a {size >> 20} MiB image")
-        lay_out(path, size)
+        if image is None:
+            path = os.path.join(tmp, "bench.img")
+            if progress:
+                progress(f"laying out a {size >> 20} MiB image")
+            lay_out(path, size)
+            read_only = False
+        else:
+            path = image
+            if read_only and any(wl.write for wl in workloads):
+                raise ValueError("write workloads on a disk offered read-only")
         records = []
         for wl in workloads:
             if progress:
                 progress(f"native {wl.rw} {wl.bs} qd{wl.iodepth}")
             records.append(run_native(path, wl))
-        records += run_guest(path, workloads, modes, progress)
+        records += run_guest(path, workloads, modes, progress, read_only=read_only)
     return {"machine": machine_info(), "records": records, "targets": (targets or evaluate)(records)}
 
 

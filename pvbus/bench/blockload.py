@@ -130,7 +130,7 @@ class _Window:
 
 
 def run_native(path: str, wl: Workload) -> dict[str, Any]:
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    fd = os.open(path, (os.O_RDWR if wl.write else os.O_RDONLY) | os.O_CLOEXEC)  # reads never open it for writing
     view = [memoryview(bytearray(os.urandom(wl.bs)))]
     io = os.pwritev if wl.write else os.preadv
     offsets = wl.offsets()
