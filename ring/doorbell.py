@@ -5,8 +5,11 @@ A doorbell is deliberately dumb.  The ring decides *whether* to signal
 eventfd per direction per channel, as vhost-user does; the fd travels to
 the peer with SCM_RIGHTS and both ends hold the same kernel object.
 
-- ``ring()`` adds 1 to the counter (never blocks: the counter saturates
-  only after 2**64 - 2 unread signals).
+- ``ring()`` adds 1 to the counter.  On an eventfd only we hold it never
+  blocks (the counter saturates only after 2**64 - 2 unread signals); on
+  one a peer holds too, the peer can park the counter at that maximum and
+  clear O_NONBLOCK, and then it does: a side that must never block (the
+  host) rings such fds only from a thread of its own (``vmbus.interrupts``).
 - ``wait()`` is awaitable in trio: it tries a non-blocking read first and
   only then parks on ``trio.lowlevel.wait_readable``; ``wait_blocking()``
   serves plain threads and processes that do not run trio.  A doorbell
@@ -14,6 +17,17 @@ the peer with SCM_RIGHTS and both ends hold the same kernel object.
   (one system call per wake-up instead of three); it cannot be awaited in
   trio.  O_NONBLOCK belongs to the open file, which every process holding
   the fd shares, so choose it when the eventfd is created.
+
+Reading never depends on that shared flag.  ``try_consume`` (and so
+``wait``) reads with ``preadv2(..., RWF_NOWAIT)``: "do not block" is a
+property of that one call, not of the open file, so a peer that clears
+O_NONBLOCK on the eventfd (it may: the flag lives on the open file
+description both processes share, and an eventfd cannot be reopened to
+get a private one) cannot make the reader block, nor can a peer that
+drains the counter between our poll and our read.  Linux has honoured
+RWF_NOWAIT on eventfd reads since 5.12; on an older kernel the read falls
+back to a poll(0) check first, which closes the first hole and not the
+second (stated here so nobody relies on more).
 - ``close()`` calls ``trio.lowlevel.notify_closing`` first, so a task parked
   in ``wait()`` wakes with ``trio.ClosedResourceError`` instead of hanging,
   the pattern of trio's own ``FdStream``.
@@ -30,6 +44,31 @@ import os
 import select
 
 import trio
+
+_COUNTER_BYTES = 8
+
+
+def read_counter_nowait(fd: int) -> int:
+    """Take an eventfd's counter (0 if it is zero) without ever blocking,
+    whatever O_NONBLOCK another holder of the fd has set or cleared."""
+    buf = bytearray(_COUNTER_BYTES)
+    try:
+        os.preadv(fd, [buf], -1, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        # Kernel older than 5.12: no per-call non-blocking read on eventfd.
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(0):
+            return 0
+        try:
+            return os.eventfd_read(fd)
+        except BlockingIOError:
+            return 0
+    return int.from_bytes(buf, "little")
 
 
 class Doorbell:
@@ -70,10 +109,8 @@ class Doorbell:
         """Read and reset the counter without blocking; 0 if nothing came."""
         if self.blocking:
             raise RuntimeError("a blocking doorbell can only be waited on with wait_blocking()")
-        try:
-            return self._count(os.eventfd_read(self.fileno()))
-        except BlockingIOError:
-            return 0
+        n = read_counter_nowait(self.fileno())
+        return self._count(n) if n else 0
 
     async def wait(self) -> int:
         """Wait (in trio) until the doorbell has rung; returns how many times."""

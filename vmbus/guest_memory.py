@@ -7,10 +7,20 @@ accessor for a view of a GPA range, of a list of pages, or of the atomics
 the SynIC pages need, and gets ``GuestMemoryError`` for anything outside
 the RAM, overflowing, or malformed.  The error is the guest's fault and is
 answered with a status, never a crash.
+
+The RAM fd itself is checked before it is mapped: it must be a memfd (a
+regular, unlinked file that /proc/self/fd names "/memfd:...") sealed
+against shrinking.  Any other file could be truncated under the mapping
+(SIGBUS on the next access) or live on a file system whose page faults the
+guest serves (FUSE): a fault there would stall the host's thread.
 """
+
 
 from __future__ import annotations
 
+import fcntl
+import os
+import stat
 from collections.abc import Sequence
 
 from ring import SharedMemory, SharedWords
@@ -23,12 +33,30 @@ class GuestMemoryError(ValueError):
     """Guest gave us an address, page number or length outside its RAM."""
 
 
+def check_memfd(fd: int) -> None:
+    """Refuse (GuestMemoryError) anything but a memfd sealed against shrinking."""
+    try:
+        st = os.fstat(fd)
+        name = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise GuestMemoryError(f"guest RAM fd: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0 or not name.startswith("/memfd:"):
+        raise GuestMemoryError(f"guest RAM is {name or 'unknown'}, not a memfd")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise GuestMemoryError("guest RAM memfd is not sealed against shrinking")
+
+
 class GuestMemory:
     """A mapping of the guest's RAM fd, with checked accessors."""
 
     def __init__(self, fd: int, size: int) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise GuestMemoryError(f"guest RAM size {size} is not a positive multiple of {PAGE_SIZE}")
+        check_memfd(fd)
         self._shm = SharedMemory.attach(fd, size)  # refuses unsealed or short memory
         self.size = size
         self.pages = size >> PAGE_SHIFT

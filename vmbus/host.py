@@ -33,7 +33,9 @@ from .device import DeviceSpec
 from .guest_memory import GuestMemory, GuestMemoryError
 from .hypervisor import Partition
 from .server import HOST_VERSIONS, VmbusServer
-from .transport import CONNECT_BODY, KIND, STATUS, ExitKind, Truncated, close_fds, recv_msg, send_msg
+from .transport import (
+    CONNECT_BODY, KIND, STATUS, ExitKind, Truncated, fd_kind, is_eventfd, recv_msg, release_fds, send_msg,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +99,13 @@ class HostService:
     async def _run_guest(self, sock: trio.socket.SocketType) -> None:
         partition = await self._connect(sock)
         if partition is None:
-            sock.close()
+            release_fds([sock.detach()])  # its queue may hold more of the guest's fds
             return
         server: VmbusServer | None = None
-        models = self._attach_emulated(partition)
+        models: list[Any] = []
         try:
+            await send_msg(sock, STATUS.pack(hv.HvStatus.SUCCESS))
+            models = self._attach_emulated(partition)
             async with trio.open_nursery() as nursery:
                 server = VmbusServer(partition, self.devices, nursery, self.versions, self.device_config)
                 self.partitions[partition.id] = (partition, server)
@@ -114,12 +118,12 @@ class HostService:
                 nursery.cancel_scope.cancel()  # guest gone: stop every channel worker
         finally:
             self.partitions.pop(partition.id, None)
-            if server is not None:
-                with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True):
+                if server is not None:
                     await server.close()
-            for disk in models:
-                disk.close()
-            partition.close()
+                for disk in models:
+                    disk.close()
+                await partition.aclose()
             self._partitions_changed()
             log.info("partition %d: released", partition.id)
 
@@ -139,13 +143,15 @@ class HostService:
         return disks
 
     async def _connect(self, sock: trio.socket.SocketType) -> Partition | None:
-        """The CONNECT exit: RAM and SINT fds; anything else is refused."""
+        """The CONNECT exit: RAM and SINT fds, each checked for what it is before
+        it is used (a memfd sealed against shrinking, an eventfd); anything
+        else is refused, its fds released off the loop (``release_fds``).
+        The caller answers SUCCESS once it owns the partition."""
         try:
             data, fds = await recv_msg(sock)
         except (Truncated, OSError):
             self.rejected_connects += 1
             return None
-        status = hv.HvStatus.INVALID_PARAMETER
         memory = None
         try:
             if len(fds) != 2 or len(data) != KIND.size + CONNECT_BODY.size or KIND.unpack_from(data)[0] != ExitKind.CONNECT:
@@ -153,22 +159,22 @@ class HostService:
             (ram_size,) = CONNECT_BODY.unpack_from(data, KIND.size)
             if ram_size > 1 << 40:
                 raise ValueError(f"RAM size {ram_size} too large")
-            memory = GuestMemory(fds[0], ram_size)
-            partition = Partition(next(self._ids), sock, memory, fds[1])
-            await send_msg(sock, STATUS.pack(hv.HvStatus.SUCCESS))
-            return partition
+            if not is_eventfd(fds[1]):
+                raise ValueError(f"the SINT fd is {fd_kind(fds[1]) or 'unknown'}, not an eventfd")
+            memory = GuestMemory(fds[0], ram_size)  # refuses anything but a memfd sealed against shrinking
         except (ValueError, GuestMemoryError, OSError) as exc:
             self.rejected_connects += 1
             log.warning("refused a guest: %s", exc)
             if memory is not None:
                 memory.close()
                 fds = fds[1:]
-            close_fds(fds)
+            release_fds(fds)
             try:
-                await send_msg(sock, STATUS.pack(status))
+                await send_msg(sock, STATUS.pack(hv.HvStatus.INVALID_PARAMETER))
             except OSError:
                 pass
             return None
+        return Partition(next(self._ids), sock, memory, fds[1])
 
     # -- admin ---------------------------------------------------------------
 

@@ -12,6 +12,14 @@ A ``Partition`` is one connected guest.  It owns the guest's RAM mapping
 - raises per-channel interrupts by setting the channel's bit in the SINT 2
   block of the guest's event-flags page and writing the SINT eventfd.
 
+The SINT eventfd is the guest's (checked to be an eventfd at CONNECT), so
+its counter and O_NONBLOCK are the guest's too: every write to it goes
+through the partition's ``Signaller`` thread (``vmbus.interrupts``), never
+the event loop.  The control socket is released through the fd reaper
+(``vmbus.transport``): its queue may hold fds the guest sent last, whose
+release the guest controls.  Queued messages are capped per partition and
+across the host (``vmbus.limits``).
+
 What the messages mean is the VMBus server's business (``vmbus.server``);
 this module only moves them.  Facts: reference sections 4.1-4.4.
 """
@@ -19,7 +27,6 @@ this module only moves them.  Facts: reference sections 4.1-4.4.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 from collections import Counter, deque
 from collections.abc import Callable
@@ -29,6 +36,8 @@ import trio
 
 from . import hv
 from .guest_memory import PAGE_SIZE, GuestMemory, GuestMemoryError
+from .interrupts import Signaller
+from .limits import HOST_BUDGET, Budget
 from .transport import (
     CONTROL_WORD,
     IO_BODY,
@@ -38,25 +47,28 @@ from .transport import (
     WRMSR_BODY,
     ExitKind,
     Truncated,
-    close_fds,
+    reaper,
     recv_msg,
+    release_fds,
     send_msg,
 )
 
 log = logging.getLogger(__name__)
 SLOT_OFFSET = hv.VMBUS_MESSAGE_SINT * hv.HV_MESSAGE_SIZE
 FLAGS_OFFSET = hv.VMBUS_MESSAGE_SINT * hv.EVENT_FLAGS_BYTES_PER_SINT
-MAX_QUEUED_MESSAGES = 1024
 
 
 class Partition:
     """One guest, as the hypervisor sees it."""
 
-    def __init__(self, pid: int, sock: trio.socket.SocketType, memory: GuestMemory, sint_fd: int) -> None:
+    def __init__(self, pid: int, sock: trio.socket.SocketType, memory: GuestMemory, sint_fd: int,
+                 budget: Budget = HOST_BUDGET) -> None:
         self.id = pid
         self.sock = sock
         self.memory = memory
-        self.sint_fd = sint_fd
+        self.budget = budget
+        self.limits = budget.limits
+        self.signaller = Signaller(f"partition-{pid}", sint_fd)  # owns sint_fd from here on
         self.simp: int | None = None  # GPA of the SynIC message page
         self.siefp: int | None = None  # GPA of the event-flags page
         self._queue: deque[bytes] = deque()
@@ -91,7 +103,11 @@ class Partition:
                 continue
             if not data:
                 return  # end of stream: the guest went away
-            close_fds(fds)  # after CONNECT no exit carries fds
+            if fds:  # after CONNECT no exit carries fds
+                release_fds(fds)
+                if reaper.saturated:
+                    self.reject("exit", "fds sent while the host is still closing earlier ones; disconnecting")
+                    return
             try:
                 reply, reply_fds = await self.handle_exit(data)
             except Exception as exc:  # noqa: BLE001 - a guest must never crash the host
@@ -210,13 +226,23 @@ class Partition:
 
     # -- SynIC ------------------------------------------------------------
 
-    def post(self, message: bytes) -> None:
-        """Queue a message for the guest's SINT 2 slot and try to deliver it."""
-        if len(self._queue) >= MAX_QUEUED_MESSAGES:
-            self.reject("synic", "guest is not consuming messages; dropping")
-            return
+    def message_room(self, needed: int) -> bool:
+        """Whether ``needed`` more messages fit this partition's queue (a
+        request whose answers would not fit is refused before it acts)."""
+        return len(self._queue) + needed <= self.limits.queued_messages
+
+    def post(self, message: bytes) -> bool:
+        """Queue a message for the guest's SINT 2 slot and try to deliver it;
+        False (logged) if the queue is at its per-partition or host cap."""
+        if len(self._queue) >= self.limits.queued_messages:
+            self.reject("synic", f"{len(self._queue)} messages queued (the cap): guest is not consuming; dropping")
+            return False
+        if not self.budget.take("queued_messages"):
+            self.reject("synic", "host-wide cap of queued messages reached; dropping")
+            return False
         self._queue.append(message)
         self.deliver()
+        return True
 
     def deliver(self) -> None:
         """Move queued messages into the slot while it is free."""
@@ -234,6 +260,7 @@ class Partition:
                 if mem.load32(slot) != hv.HVMSG_NONE:
                     return
             msg = self._queue.popleft()
+            self.budget.give("queued_messages")
             view = mem.view(slot, hv.HV_MESSAGE_SIZE)
             view[16 : 16 + len(msg)] = msg
             view[4:16] = struct.pack("<BBHQ", len(msg), hv.MSG_FLAG_PENDING if self._queue else 0, 0, 0)
@@ -251,15 +278,27 @@ class Partition:
 
     def _raise_sint(self) -> None:
         self.interrupts += 1
-        try:
-            os.eventfd_write(self.sint_fd, 1)
-        except OSError as exc:  # the guest closed its end: it is going away
-            log.debug("partition %d: SINT write failed: %s", self.id, exc)
+        self.signaller.raise_sint()  # never blocks: the write happens on the signaller's thread
+
+    def ring_guest_eventfd(self, key: object, fd: int) -> None:
+        """Add 1 to an eventfd the guest shares (HvSignalEvent as a hypercall)."""
+        self.signaller.ring(key, fd)
 
     def close(self) -> None:
-        close_fds([self.sint_fd])
-        self.sint_fd = -1
+        """``aclose`` without trio, for tools that drive a partition in-process
+        with a SINT eventfd and socket of their own making."""
+        self.signaller.close()
+        self.budget.give("queued_messages", len(self._queue))
+        self._queue.clear()
         self.sock.close()
+        self.memory.close()
+
+    async def aclose(self) -> None:
+        """Release everything this partition holds; never blocks the loop."""
+        await self.signaller.aclose()
+        self.budget.give("queued_messages", len(self._queue))
+        self._queue.clear()
+        release_fds([self.sock.detach()])
         self.memory.close()
 
     def snapshot(self) -> dict[str, object]:

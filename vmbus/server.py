@@ -16,10 +16,21 @@ running.
 Channel states: OFFERED -> OPEN -> (CLOSECHANNEL) OFFERED, or any ->
 RESCINDED -> (RELID_RELEASED) gone.  An open channel has a worker task in
 the partition's nursery running the device's ``serve``.
+
+What a guest makes the host hold is bounded (``vmbus.limits``): GPADLs,
+their pages (kept as 8 bytes a page), open channels and the messages
+queued for it, per partition and across the host; a request beyond a cap
+is refused like any other bad request.  Everything is given back on every
+way out: CLOSECHANNEL, rescind then RELID_RELEASED (a released device is
+closed once every worker using it has returned: a storage worker's thread
+may still be using the disk's fd until then), UNLOAD, and ``close`` when
+the partition goes (guest gone, killed, or host shutdown), which closes
+every device, released or not.
 """
 
 from __future__ import annotations
 
+import array
 import enum
 import logging
 import uuid
@@ -37,6 +48,7 @@ from .channel import Channel
 from .device import DeviceSpec, HostDevice
 from .guest_memory import PAGE_SHIFT, GuestMemoryError
 from .hypervisor import Partition
+from .limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +57,8 @@ HOST_VERSIONS = (
     P.Version.WIN10_V4_1, P.Version.WIN10, P.Version.WIN8_1,
 )
 NEGOTIATED_CONN_ID_V5 = 4  # what we hand out as msg_conn_id at >= 5.0
-MAX_GPADLS = 1024
 MAX_SUBCHANNELS = 16
+MAX_GPADLS = Limits().gpadls  # per partition (the caps: ``vmbus.limits``)
 
 
 class ChannelState(enum.Enum):
@@ -55,14 +67,14 @@ class ChannelState(enum.Enum):
     RESCINDED = "rescinded"
 
 
-@dataclass
+@dataclass(slots=True)
 class Gpadl:
     gpadl_id: int
     relid: int
     total: int
     byte_count: int
     byte_offset: int
-    pfns: list[int] = field(default_factory=list)
+    pfns: array.array[int] = field(default_factory=lambda: array.array("Q"))  # 8 bytes a page
 
     @property
     def complete(self) -> bool:
@@ -83,6 +95,7 @@ class HostChannel:
     guest_signals: int = 0
     sub_index: int = 0  # 0: primary; >= 1: a sub-channel of the primary with the same instance
     primary: int = 0  # relid of the primary (itself for a primary)
+    worker_done: trio.Event | None = None  # set when the open channel's worker has returned
 
     @property
     def connection_id(self) -> int:
@@ -116,12 +129,19 @@ class VmbusServer:
         self.channels: dict[int, HostChannel] = {}
         self.gpadls: dict[int, Gpadl] = {}
         self.assembling: dict[int, Gpadl] = {}
+        self.limits = partition.limits
+        self.budget = partition.budget
+        self.gpadl_pages = 0  # declared pages of every GPADL held or assembling
+        self.open_channels = 0
         config = device_config or {}
+        self.devices: list[HostDevice] = []  # every device made for this partition, to close
+        self._closed_devices: set[int] = set()  # ids of those closed already
         for relid, spec in enumerate(devices, start=1):
             self.channels[relid] = HostChannel(
                 relid, spec, uuid.uuid5(spec.interface_id, f"partition-{partition.id}-{relid}"),
                 spec.host(config.get(spec.name, {})), primary=relid,
             )
+            self.devices.append(self.channels[relid].device)
         self._next_relid = len(self.channels) + 1
         partition.on_message = self.handle
         partition.event_port = self._event_port
@@ -146,6 +166,10 @@ class VmbusServer:
             handler = getattr(self, f"_on_{msg.TYPE.name.lower()}", None)
             if handler is None:
                 raise Refused(hv.HvStatus.INVALID_PARAMETER, f"{msg.TYPE.name} is not a guest-to-host message")
+            answers = len(self.channels) + 1 if isinstance(msg, P.RequestOffers) else 1
+            if not self.partition.message_room(answers):
+                raise Refused(hv.HvStatus.INSUFFICIENT_BUFFERS,
+                              f"{self.limits.queued_messages} messages queued for the guest (the cap); consume them first")
             handler(msg)
             return hv.HvStatus.SUCCESS
         except Refused as exc:
@@ -235,8 +259,8 @@ class VmbusServer:
             raise self._gpadl_failed(relid, gid, f"GPADL for unknown relid {relid}")
         if gid in self.gpadls or gid in self.assembling:
             raise Refused(hv.HvStatus.INVALID_PARAMETER, f"duplicate GPADL id {gid:#x}")
-        if len(self.gpadls) + len(self.assembling) >= MAX_GPADLS:
-            raise self._gpadl_failed(relid, gid, "too many GPADLs")
+        if len(self.gpadls) + len(self.assembling) >= self.limits.gpadls:
+            raise self._gpadl_failed(relid, gid, f"{self.limits.gpadls} GPADLs held (the cap)")
         total = msg.total_pfns
         pages = (msg.byte_offset + msg.byte_count + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT
         if (
@@ -252,7 +276,12 @@ class VmbusServer:
             self._check_pfns(msg.pfns)
         except GuestMemoryError as exc:
             raise self._gpadl_failed(relid, gid, str(exc)) from None
-        g = Gpadl(gid, relid, total, msg.byte_count, msg.byte_offset, list(msg.pfns))
+        if self.gpadl_pages + total > self.limits.gpadl_pages:
+            raise self._gpadl_failed(relid, gid, f"GPADLs of more than {self.limits.gpadl_pages} pages (the cap)")
+        if not self.budget.take("gpadl_pages", total):
+            raise self._gpadl_failed(relid, gid, "host-wide cap of GPADL pages reached")
+        self.gpadl_pages += total
+        g = Gpadl(gid, relid, total, msg.byte_count, msg.byte_offset, array.array("Q", msg.pfns))
         self._gpadl_progress(g)
 
     def _on_gpadl_body(self, msg: P.GpadlBody) -> None:
@@ -260,12 +289,12 @@ class VmbusServer:
         if g is None:
             raise Refused(hv.HvStatus.INVALID_PARAMETER, f"GPADL_BODY for no GPADL in progress ({msg.gpadl:#x})")
         if len(g.pfns) + len(msg.pfns) > g.total:
-            del self.assembling[g.gpadl_id]
+            self._drop_gpadl(g)
             raise self._gpadl_failed(g.relid, g.gpadl_id, "GPADL_BODY beyond the declared length")
         try:
             self._check_pfns(msg.pfns)
         except GuestMemoryError as exc:
-            del self.assembling[g.gpadl_id]
+            self._drop_gpadl(g)
             raise self._gpadl_failed(g.relid, g.gpadl_id, str(exc)) from None
         g.pfns.extend(msg.pfns)
         self._gpadl_progress(g)
@@ -278,13 +307,24 @@ class VmbusServer:
         else:
             self.assembling[g.gpadl_id] = g
 
+    def _drop_gpadl(self, g: Gpadl) -> None:
+        """Forget a GPADL (held or assembling) and give its pages back."""
+        if self.gpadls.get(g.gpadl_id) is g:
+            del self.gpadls[g.gpadl_id]
+        elif self.assembling.get(g.gpadl_id) is g:
+            del self.assembling[g.gpadl_id]
+        else:
+            return
+        self.gpadl_pages -= g.total
+        self.budget.give("gpadl_pages", g.total)
+
     def _on_gpadl_teardown(self, msg: P.GpadlTeardown) -> None:
         g = self.gpadls.get(msg.gpadl)
         if g is None:
             raise Refused(hv.HvStatus.INVALID_PARAMETER, f"teardown of unknown GPADL {msg.gpadl:#x}")
         if any(ch.ring_gpadl == g.gpadl_id and ch.state is ChannelState.OPEN for ch in self.channels.values()):
             raise Refused(hv.HvStatus.INVALID_PARAMETER, f"GPADL {msg.gpadl:#x} is an open channel's ring")
-        del self.gpadls[g.gpadl_id]
+        self._drop_gpadl(g)
         self._send(P.GpadlTorndown(g.gpadl_id))
 
     # -- open and close ------------------------------------------------------
@@ -318,6 +358,11 @@ class VmbusServer:
             outgoing = OutgoingRing(rings, cut, len(rings) - cut)
         except (ValueError, RingError) as exc:
             raise fail(f"rings: {exc}") from None
+        if self.open_channels >= self.limits.open_channels:
+            raise fail(f"{self.open_channels} channels open (the cap)")
+        if not self.budget.take("open_channels"):
+            raise fail("host-wide cap of open channels reached")
+        self.open_channels += 1
         ch.doorbell = Doorbell()
         part = self.partition
 
@@ -333,11 +378,20 @@ class VmbusServer:
         ch.ring_gpadl = g.gpadl_id
         ch.state = ChannelState.OPEN
         ch.scope = trio.CancelScope()
+        ch.worker_done = trio.Event()
         self.nursery.start_soon(self._worker, ch, ch.scope, ch.channel)
         log.info("partition %d: channel %d (%s) open", part.id, relid, ch.spec.name)
         self._send(P.OpenChannelResult(relid, msg.openid, P.STATUS_SUCCESS))
 
     async def _worker(self, ch: HostChannel, scope: trio.CancelScope, channel: Channel) -> None:
+        done = ch.worker_done
+        try:
+            await self._serve_channel(ch, scope, channel)
+        finally:
+            if done is not None:
+                done.set()
+
+    async def _serve_channel(self, ch: HostChannel, scope: trio.CancelScope, channel: Channel) -> None:
         with scope:
             try:
                 await ch.device.serve(channel, self.partition.memory)
@@ -349,9 +403,9 @@ class VmbusServer:
             except trio.ClosedResourceError:
                 pass
             except Exception as exc:  # noqa: BLE001 - a device bug stops its channel, nothing else
-                log.exception("partition %d: device %s failed on channel %d", self.partition.id, ch.spec.name,
-                              ch.relid)
                 self.partition.reject("device", f"channel {ch.relid}: {exc!r}; rescinding it")
+                log.debug("partition %d: device %s failed on channel %d", self.partition.id, ch.spec.name,
+                          ch.relid, exc_info=True)
                 self.rescind(ch.relid)
         if ch.channel is channel and ch.state is ChannelState.OPEN:
             self._stop_channel(ch)  # the device returned on its own: quiesce the channel
@@ -363,6 +417,8 @@ class VmbusServer:
             ch.channel.close()
         if ch.doorbell is not None:
             ch.doorbell.close()
+            self.open_channels -= 1
+            self.budget.give("open_channels")
         ch.scope = ch.channel = ch.doorbell = None
         ch.ring_gpadl = None
 
@@ -386,7 +442,9 @@ class VmbusServer:
     def _slow_signal(self, conn_id: int) -> bool:
         doorbell = self._doorbell(conn_id)
         if doorbell is not None:
-            doorbell.ring()
+            # The guest holds this eventfd too (CONNECT_EVENT_PORT): written
+            # off the loop, as any write to a guest-shared eventfd.
+            self.partition.ring_guest_eventfd(("doorbell", conn_id), doorbell.fileno())
         return doorbell is not None
 
     # -- rescind and unload ----------------------------------------------------
@@ -404,28 +462,55 @@ class VmbusServer:
         self._send(P.RescindChannelOffer(relid))
         log.info("partition %d: channel %d rescinded", self.partition.id, relid)
 
+    def rescind_all(self) -> None:
+        """The host is going away: withdraw every channel the guest was offered."""
+        if not self.offers_sent:
+            return
+        for ch in [c for c in self.channels.values() if not c.sub_index]:
+            self.rescind(ch.relid)
+
     def _on_relid_released(self, msg: P.RelidReleased) -> None:
         ch = self._channel(msg.child_relid, ChannelState.RESCINDED)
-        for gid in [gid for gid, g in self.gpadls.items() if g.relid == ch.relid]:
-            del self.gpadls[gid]
+        for g in [g for g in (*self.gpadls.values(), *self.assembling.values()) if g.relid == ch.relid]:
+            self._drop_gpadl(g)
         del self.channels[ch.relid]
+        if not ch.sub_index:
+            # Sub-channels share the primary's device; they were rescinded with it.
+            sharing = [c for c in self.channels.values() if c.device is ch.device]
+            workers = [c.worker_done for c in (ch, *sharing) if c.worker_done is not None]
+            self.nursery.start_soon(self._close_device, ch.device, workers)
+
+    async def _close_device(self, device: HostDevice, workers: list[trio.Event]) -> None:
+        """Close a device once every worker that used it has returned (a
+        storage worker's thread may use the disk's fd until then)."""
+        for done in workers:
+            await done.wait()
+        if id(device) not in self._closed_devices:
+            self._closed_devices.add(id(device))
+            await device.close()
 
     def _on_unload(self, msg: P.Unload) -> None:
         for ch in self.channels.values():
             if ch.state is ChannelState.OPEN:
                 self._stop_channel(ch)
                 ch.state = ChannelState.OFFERED
-        self.gpadls.clear()
-        self.assembling.clear()
+        for g in [*self.gpadls.values(), *self.assembling.values()]:
+            self._drop_gpadl(g)
         self.version = None
         self.offers_sent = False
         self._send(P.UnloadResponse())
 
     async def close(self) -> None:
+        """Release everything (the partition is going).  Called once every
+        channel worker has returned: the partition's nursery is done."""
         for ch in self.channels.values():
             self._stop_channel(ch)
-            if not ch.sub_index:
-                await ch.device.close()
+        for g in [*self.gpadls.values(), *self.assembling.values()]:
+            self._drop_gpadl(g)
+        for device in self.devices:
+            if id(device) not in self._closed_devices:
+                self._closed_devices.add(id(device))
+                await device.close()
 
     def snapshot(self) -> dict[str, Any]:
         chans = []
@@ -440,5 +525,6 @@ class VmbusServer:
                 entry["stats"] = vars(c.stats)
             chans.append(entry)
         return {"version": None if self.version is None else hex(self.version), "channels": chans,
-                "gpadls": len(self.gpadls)}
+                "gpadls": len(self.gpadls), "gpadl_pages": self.gpadl_pages, "open_channels": self.open_channels,
+                "devices_closed": len(self._closed_devices)}
 

@@ -178,6 +178,26 @@ static int serve_one(storvsp_queue *q, const pv_packet *pkt)
     return SERVED;
 }
 
+/* Reset the kick eventfd's counter; never blocks.  The guest holds the same
+ * open file description, so it can clear O_NONBLOCK on it, and it can drain
+ * the counter between our poll and our read: a plain read(2) would then
+ * sleep with nobody to wake it (and this thread must stop on request,
+ * before guest RAM is unmapped).  RWF_NOWAIT makes "do not block" a
+ * property of this one call (eventfd honours it since Linux 5.12); on an
+ * older kernel the poll that just said "readable" is all we have. */
+static int take_kick(int fd, uint64_t *count)
+{
+    struct iovec iov = {count, sizeof *count};
+    ssize_t n = preadv2(fd, &iov, 1, -1, RWF_NOWAIT);
+
+    if (n < 0 && errno == EOPNOTSUPP) {
+        struct pollfd pfd = {fd, POLLIN, 0};
+        if (poll(&pfd, 1, 0) == 1 && pfd.revents & POLLIN)
+            n = read(fd, count, sizeof *count);
+    }
+    return n == (ssize_t)sizeof *count;
+}
+
 /* Sleep until the guest signals or the owner stops us. */
 static int sleep_on_kick(storvsp_queue *q)
 {
@@ -191,7 +211,7 @@ static int sleep_on_kick(storvsp_queue *q)
             return SVQ_STOPPED;
     if (fds[1].revents || stop_requested(q))
         return SVQ_STOPPED;
-    if (fds[0].revents & POLLIN && read(q->kick_fd, &count, sizeof count) == (ssize_t)sizeof count)
+    if (fds[0].revents & POLLIN && take_kick(q->kick_fd, &count))
         q->wakeups++;
     return 0;
 }
