@@ -15,11 +15,13 @@ buffer differ between two snapshots) and ``open_fds``.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import struct
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,20 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@contextmanager
+def no_fd_left_open() -> Iterator[None]:
+    """The block must close every descriptor it opens (counted after a
+    garbage collection, so what only a finalizer closes still counts as
+    closed: a cycle is not a leak)."""
+    before = open_fds()
+    yield
+    after = open_fds()
+    if after != before:
+        gc.collect()
+        after = open_fds()
+    check(after <= before, f"{after - before} descriptors left open")
+
+
 def changed_ranges(before: bytes, after: bytes | memoryview, granule: int = 64) -> list[tuple[int, int]]:
     """[start, end) byte ranges where ``after`` differs from ``before``,
     found granule by granule (exact bounds inside each granule)."""
@@ -88,22 +104,34 @@ def inside(ranges: Iterable[tuple[int, int]], allowed: Iterable[tuple[int, int]]
     return all(any(a <= s and e <= b for a, b in union) for s, e in ranges)
 
 
-class Machine:
+class GuestRam:
+    """A guest's RAM: the sealed memfd the guest writes (``ram``, ``buf``) and
+    the host's checked mapping of the same pages (``memory``)."""
+
+    def __init__(self, pages: int) -> None:
+        self.ram = SharedMemory.create(pages * PAGE_SIZE)
+        self.memory = GuestMemory(os.dup(self.ram.fd), pages * PAGE_SIZE)
+
+    @property
+    def buf(self) -> memoryview:
+        return memoryview(self.ram.buf)
+
+    def close(self) -> None:
+        self.memory.close()
+        self.ram.close()
+
+
+class Machine(GuestRam):
     """Guest RAM plus the host's partition (and bus) for it."""
 
     def __init__(self, ram_pages: int = 64) -> None:
-        self.ram = SharedMemory.create(ram_pages * PAGE_SIZE)
-        self.memory = GuestMemory(os.dup(self.ram.fd), ram_pages * PAGE_SIZE)
+        super().__init__(ram_pages)
         self.sint = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._sock, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         peer.close()
         self.partition = Partition(1, trio.socket.from_stdlib_socket(self._sock), self.memory, os.dup(self.sint))
         self.server: VmbusServer | None = None
         self.received: list[bytes] = []  # host-to-guest messages, in order
-
-    @property
-    def buf(self) -> memoryview:
-        return memoryview(self.ram.buf)
 
     def start_bus(self, nursery: trio.Nursery, devices: list[DeviceSpec],
                   config: dict[str, dict[str, Any]] | None = None) -> VmbusServer:
@@ -164,7 +192,7 @@ class Machine:
         if self.server is not None:
             with trio.CancelScope(shield=True):
                 await self.server.close()
-        self.partition.close()
+        await self.partition.aclose()  # its RAM mapping included
         os.close(self.sint)
         self.ram.close()
 

@@ -28,7 +28,7 @@ from pvbus.devices import ECHO, STORAGE
 from vmbus import hv
 from vmbus import protocol as P
 from vmbus import server as S
-from fuzz.rig import Input, Machine, ScratchDisk, Script, check, open_fds, run
+from fuzz.rig import Input, Machine, ScratchDisk, Script, check, run, no_fd_left_open
 
 TYPES = sorted(P.MESSAGES)
 CONN_IDS = (hv.VMBUS_MESSAGE_CONNECTION_ID, hv.VMBUS_MESSAGE_CONNECTION_ID_4, 0x2001, 0x2002)
@@ -109,9 +109,8 @@ def test_one_input(data: bytes) -> None:
         messages.append(one_message(inp))
     for _, msg in messages:
         check_decode(msg)
-    fds = open_fds()
-    run(drive, messages)
-    check(open_fds() == fds, f"{open_fds() - fds} descriptors left open")
+    with no_fd_left_open():
+        run(drive, messages)
 
 
 def seeds() -> list[bytes]:

@@ -25,7 +25,7 @@ from pvbus.devices import ECHO
 from vmbus import hv
 from vmbus import protocol as P
 from vmbus.guest_memory import PAGE_SIZE
-from fuzz.rig import Input, Machine, Script, changed_ranges, check, inside, open_fds, run
+from fuzz.rig import Input, Machine, Script, changed_ranges, check, inside, run, no_fd_left_open
 from fuzz.targets.control import check_server
 from fuzz.targets.hypercall import synic_areas
 
@@ -95,7 +95,7 @@ class Model:
     def check(self, server) -> None:  # noqa: ANN001 - a VmbusServer
         for gid, g in {**server.assembling, **server.gpadls}.items():
             check(gid in self.sent, f"server holds GPADL {gid:#x} the guest never started")
-            check(g.pfns == self.sent[gid], f"GPADL {gid:#x} pages {g.pfns} differ from what was sent")
+            check(list(g.pfns) == self.sent[gid], f"GPADL {gid:#x} pages {g.pfns} differ from what was sent")
             h = self.header[gid]
             check((g.byte_count, g.byte_offset, g.relid) == (h.byte_count, h.byte_offset, h.child_relid),
                   f"GPADL {gid:#x} range differs from its header")
@@ -150,9 +150,8 @@ def test_one_input(data: bytes) -> None:
     ops = []
     while inp.left and len(ops) < MAX_OPS:
         ops.append(operation(inp))
-    fds = open_fds()
-    run(drive, ops)
-    check(open_fds() == fds, f"{open_fds() - fds} descriptors left open")
+    with no_fd_left_open():
+        run(drive, ops)
 
 
 def _run(s: Script, first: int, count: int) -> None:

@@ -27,7 +27,7 @@ from vmbus import protocol as P
 from vmbus.guest_memory import PAGE_SIZE
 from vmbus.hypervisor import FLAGS_OFFSET, SLOT_OFFSET
 from vmbus.transport import CONTROL_WORD, IO_BODY, KIND, MAX_DATAGRAM, WRMSR_BODY, ExitKind
-from fuzz.rig import Input, Machine, Script, changed_ranges, check, inside, open_fds, run
+from fuzz.rig import Input, Machine, Script, changed_ranges, check, inside, run, no_fd_left_open
 
 RAM_PAGES = 16
 MSRS = (hv.HV_X64_MSR_SIMP, hv.HV_X64_MSR_SIEFP, hv.HV_X64_MSR_EOM)
@@ -97,9 +97,8 @@ def test_one_input(data: bytes) -> None:
     frames = []
     while inp.left and len(frames) < MAX_EXITS:
         frames.append(frame(inp))
-    fds = open_fds()
-    run(drive, frames)
-    check(open_fds() == fds, f"{open_fds() - fds} descriptors left open")
+    with no_fd_left_open():
+        run(drive, frames)
 
 
 def _msr(s: Script, which: int, pfn: int) -> None:

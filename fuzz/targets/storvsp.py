@@ -32,7 +32,7 @@ from ring._layout import GPA_DIRECT_HEADER, GPA_RANGE_HEAD
 from vmbus.channel import Channel
 from vmbus.guest_memory import PAGE_SIZE
 from vmbus.protocols import storvsc as S
-from fuzz.rig import Input, Machine, ScratchDisk, Script, changed_ranges, check, inside, open_fds, run
+from fuzz.rig import Input, Machine, ScratchDisk, Script, changed_ranges, check, inside, run, no_fd_left_open
 
 RING = 4096 + (16 << 10)  # each direction: control page and 16 KiB of data
 DATA_PFN = 2 * RING // PAGE_SIZE
@@ -243,9 +243,8 @@ def test_one_input(data: bytes) -> None:
     while inp.left and len(requests) < MAX_PACKETS:
         requests.append(request(inp, len(requests) + 1))
     DISK.reset()
-    fds = open_fds()
-    run(drive, requests)
-    check(open_fds() == fds, f"{open_fds() - fds} descriptors left open")
+    with no_fd_left_open():
+        run(drive, requests)
 
 
 def write_request(s: Script, command: bytes, data_in: bool, transfer: int, pfn: int) -> None:
