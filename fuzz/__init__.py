@@ -24,6 +24,5 @@ TARGETS = (
     "gpadl",
     "storvsp",
     "storvsp_fast",
-    "scsi_cdb",
     "emulated",
 )
