@@ -14,6 +14,7 @@ from typing import Any
 
 from vmbus.device import DeviceSpec
 from vmbus.protocols import echo as echo_protocol
+from vmbus.protocols import ic as ic_protocol
 from vmbus.protocols import storvsc as storvsc_protocol
 
 
@@ -44,4 +45,42 @@ STORAGE = DeviceSpec(
     ring_pages=64,
     description="SCSI disk backed by a disk image or block device (storvsc/storvsp)",
     needs_config=True,
+)
+
+# The integration services: one device each, on the ICMSG framework
+# (``vmbus.protocols.ic``).  Three data pages per direction, as Linux's hv_util.
+HEARTBEAT = DeviceSpec(
+    name="heartbeat",
+    interface_id=ic_protocol.HEARTBEAT_ID,
+    host=_lazy("host_drivers.ic.heartbeat:HeartbeatHost"),
+    guest=_lazy("guest_kernel.drivers.ic:HeartbeatDriver"),
+    ring_pages=3,
+    description="integration service: the host sees the guest alive (sequence, last seen, lost after 3 beats)",
+)
+
+SHUTDOWN = DeviceSpec(
+    name="shutdown",
+    interface_id=ic_protocol.SHUTDOWN_ID,
+    host=_lazy("host_drivers.ic.shutdown:ShutdownHost"),
+    guest=_lazy("guest_kernel.drivers.ic:ShutdownDriver"),
+    ring_pages=3,
+    description="integration service: the host asks the guest to power off or reboot (pvbus shutdown)",
+)
+
+TIMESYNC = DeviceSpec(
+    name="timesync",
+    interface_id=ic_protocol.TIMESYNC_ID,
+    host=_lazy("host_drivers.ic.timesync:TimesyncHost"),
+    guest=_lazy("guest_kernel.drivers.ic:TimesyncDriver"),
+    ring_pages=3,
+    description="integration service: host clock samples; the guest's offset and corrected clock",
+)
+
+KVP = DeviceSpec(
+    name="kvp",
+    interface_id=ic_protocol.KVP_ID,
+    host=_lazy("host_drivers.ic.kvp:KvpHost"),
+    guest=_lazy("guest_kernel.drivers.ic_kvp:KvpDriver"),
+    ring_pages=3,
+    description="integration service: key/value pools shared by host and guest (pvbus kvp)",
 )

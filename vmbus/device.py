@@ -36,8 +36,18 @@ ENTRY_POINT_GROUP = "pvbus.devices"
 log = logging.getLogger(__name__)
 
 
+class DeviceCommandError(Exception):
+    """A device refused an admin command (bad arguments, a guest that did
+    not answer...); its text is the one line the user sees."""
+
+
 class HostDevice:
-    """Host half of a device.  One instance per guest partition."""
+    """Host half of a device.  One instance per guest partition.
+
+    ``snapshot`` adds the device's own state to ``pvbus inspect``; ``admin``
+    runs a command the admin socket names by device (``pvbus shutdown``,
+    ``pvbus kvp``): the bus passes both through without knowing any device.
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -48,6 +58,14 @@ class HostDevice:
 
     async def close(self) -> None:
         """Release host resources when the partition goes away."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """The device's state for ``pvbus inspect`` (JSON-able); none by default."""
+        return {}
+
+    async def admin(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Run an admin command; ``DeviceCommandError`` for one it does not know."""
+        raise DeviceCommandError(f"this device has no command {command!r}")
 
 
 class GuestDriver:

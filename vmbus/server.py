@@ -523,8 +523,18 @@ class VmbusServer:
                 c = ch.channel
                 entry["ring"] = {"incoming": c.incoming.control(), "outgoing": c.outgoing.control()}
                 entry["stats"] = vars(c.stats)
+            if not ch.sub_index:
+                entry["device_state"] = device_snapshot(ch.device)
             chans.append(entry)
         return {"version": None if self.version is None else hex(self.version), "channels": chans,
                 "gpadls": len(self.gpadls), "gpadl_pages": self.gpadl_pages, "open_channels": self.open_channels,
                 "devices_closed": len(self._closed_devices)}
 
+
+def device_snapshot(device: HostDevice) -> dict[str, Any]:
+    """A device's own part of ``inspect`` (``HostDevice.snapshot``); a device
+    whose snapshot fails shows the failure instead of breaking inspect."""
+    try:
+        return device.snapshot()
+    except Exception as exc:  # noqa: BLE001 - a device bug must not take inspect down
+        return {"snapshot_failed": repr(exc)}
