@@ -114,7 +114,7 @@ class Message:
     @classmethod
     def parse(cls, data: bytes) -> Message:
         values = cls.BODY.unpack_from(data, HEADER.size)
-        return cls(*values)  # type: ignore[arg-type]
+        return cls(*values)
 
 
 @dataclass
@@ -347,11 +347,13 @@ def decode(data: bytes) -> Message:
         raise ProtocolError(f"{cls.TYPE.name}: {exc}") from exc
 
 
-def gpadl_messages(relid: int, gpadl: int, pfns: list[int], byte_count: int, byte_offset: int = 0) -> list[Message]:
+def gpadl_messages(
+    relid: int, gpadl: int, pfns: list[int], byte_count: int, byte_offset: int = 0
+) -> list[GpadlHeader | GpadlBody]:
     """A GPADL as a header plus as many bodies as its PFN list needs."""
     head = GpadlHeader(relid, gpadl, GPA_RANGE_HEAD.size + 8 * len(pfns), 1, byte_count, byte_offset,
                        tuple(pfns[:GPADL_HEADER_PFNS]))
-    out: list[Message] = [head]
+    out: list[GpadlHeader | GpadlBody] = [head]
     rest = pfns[GPADL_HEADER_PFNS:]
     for i in range(0, len(rest), GPADL_BODY_PFNS):
         out.append(GpadlBody(0, gpadl, tuple(rest[i : i + GPADL_BODY_PFNS])))

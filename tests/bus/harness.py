@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -23,6 +23,7 @@ from vmbus import hv
 from vmbus import protocol as P
 
 PVBUS = [sys.executable, "-m", "pvbus"]
+M = TypeVar("M", bound=P.Message)
 
 
 class HostProcess:
@@ -54,7 +55,7 @@ def host_process(tmp_path: Path, *args: str, env: dict[str, str] | None = None) 
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            rc = proc.wait(timeout=15)
+            rc = proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
@@ -103,12 +104,13 @@ class RawGuest:
         data = msg if isinstance(msg, bytes) else msg.encode()
         return await self.hv.post_message(conn, data)
 
-    async def expect(self, cls: type[P.Message], timeout: float = 5.0) -> P.Message:
+    async def expect(self, cls: type[M], timeout: float = 30.0) -> M:
         with trio.fail_after(timeout):
             while True:
                 for i, m in enumerate(self.messages):
                     if isinstance(m, cls):
-                        return self.messages.pop(i)
+                        del self.messages[i]
+                        return m
                 await self._arrived.wait()
 
     async def contact(self, version: int = P.Version.WIN10_V5_3) -> None:

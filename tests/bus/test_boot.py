@@ -17,7 +17,10 @@ def test_boot_echo_and_clean_shutdown(tmp_path: Path) -> None:
         assert rc == 0, err
         (report,) = out
         assert report["requests"] == 300 and report["version"] == "0x50003"
-        assert report["exits"]["signal_event"] == 300  # each lone request signals once
+        # A request signals only when it finds the ring empty (the host idle);
+        # the host may still be releasing the previous one, so fewer is normal
+        # and the count depends on scheduling.  Never more than one per request.
+        assert 1 <= report["exits"].get("signal_event", 0) <= 300
         after = host.inspect()
         assert after["partitions"] == []  # everything of the guest released
 

@@ -13,7 +13,7 @@ from guest_kernel.drivers.dmadisk import ADDR, CMD, COUNT, DOORBELL, INT_ACK, LB
 from guest_kernel.drivers.ide import BASE, COMMAND, DATA, FEATURES, IdeError
 
 from ..bus.harness import host_process
-from ..storage.conftest import run_guest
+from ..storage.helpers import run_guest
 
 MiB = 1 << 20
 

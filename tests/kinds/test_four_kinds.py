@@ -12,7 +12,7 @@ from pvbus.bench.blockload import Workload, run_trapped
 from vmbus.host import admin_request
 
 from ..bus.harness import host_process
-from ..storage.conftest import run_guest
+from ..storage.helpers import run_guest
 
 MiB = 1 << 20
 
@@ -23,7 +23,8 @@ def test_every_mode_reads_and_writes_the_same_bytes(tmp_path: Path) -> None:
     with host_process(tmp_path, "--disk", str(image), "--emulated-disks") as host:
 
         async def body(kernel) -> dict[str, str]:  # noqa: ANN001
-            pv, dma, ide = kernel.device("storage"), await kernel.emulated_disk("dma"), await kernel.emulated_disk("ide")
+            pv = kernel.device("storage")
+            dma, ide = await kernel.emulated_disk("dma"), await kernel.emulated_disk("ide")
             assert pv.capacity == dma.capacity == ide.capacity == 4 * MiB
             digests = {}
             off, n = 3 * MiB + 8192, 16384
@@ -56,16 +57,19 @@ def test_reported_exits_are_the_counted_exits(tmp_path: Path) -> None:
     image.write_bytes(bytes(4 * MiB))
     with host_process(tmp_path, "--disk", str(image), "--emulated-disks") as host:
 
+        async def host_exits() -> int:
+            return sum((await admin_request(host.socket, {"cmd": "inspect"}))["partitions"][0]["exits"].values())
+
         async def body(kernel) -> list[tuple[str, int, int, float, float]]:  # noqa: ANN001
             out = []
             for mode in ("fullvirt", "emulated"):
                 disk = await kernel.emulated_disk("dma" if mode == "fullvirt" else "ide")
                 before_g = sum(kernel.hypercalls.exits.values())
-                before_h = sum((await admin_request(host.socket, {"cmd": "inspect"}))["partitions"][0]["exits"].values())
+                before_h = await host_exits()
                 rec = await run_trapped(kernel, Workload("randread", 4096, 1, 4 * MiB, runtime=0.2, ramp=0), mode,
                                         disk)
                 after_g = sum(kernel.hypercalls.exits.values())
-                after_h = sum((await admin_request(host.socket, {"cmd": "inspect"}))["partitions"][0]["exits"].values())
+                after_h = await host_exits()
                 # the inspect round trips are admin-socket traffic, not exits
                 out.append((mode, after_g - before_g, after_h - before_h, rec["exits_per_io"] * rec["ios"], rec["ios"]))
             return out

@@ -68,10 +68,12 @@ def test_shared_memory_passed_over_scm_rights_is_the_same_ring() -> None:
     inc = IncomingRing(peer.buf, 0, 8192)
     out.write(b"across the fd")
     out.commit()
-    assert bytes(inc.read_packet().payload)[:13] == b"across the fd"
+    pkt = inc.read_packet()
+    assert pkt is not None and bytes(pkt.payload)[:13] == b"across the fd"
     with pytest.raises(OSError):
         os.ftruncate(shm.fd, 4096)  # sealed: the owner cannot shrink it under the peer
-    a.close(), b.close()
+    a.close()
+    b.close()
 
 
 def test_attach_refuses_short_or_unsealed_memory() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -21,7 +22,7 @@ DATA = 4096
 
 
 def drain(inc):  # noqa: ANN001, ANN201 - test glue
-    seen = []
+    seen: list[Any] = []
     try:
         for _ in range(DATA // 8):
             pkt = inc.read_packet()
@@ -96,7 +97,7 @@ def test_hostile_descriptors(packets: list[tuple[int, int, int, int]], start: in
 @given(read=st.integers(0, 2**32 - 1), size=st.integers(0, 5000))
 def test_hostile_read_index_against_writer(read: int, size: int) -> None:
     g = GuardedBuffer(4096 + DATA)
-    outs = []
+    outs: list[Any] = []
     for mem, impl in ((g.view, ring.OutgoingRing), (bytearray(4096 + DATA), ring.PyOutgoingRing)):
         out = impl(mem, format=True)
         struct.pack_into("<I", mem, 4, read)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import array
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -19,7 +21,7 @@ from .helpers import make_pair, payload_of
 DATA_SIZE = 8192
 
 
-def outcome(fn, *args, **kwargs):  # noqa: ANN001, ANN201 - test glue
+def outcome(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[str, Any]:
     try:
         return ("ok", fn(*args, **kwargs))
     except RingFull as exc:

@@ -13,6 +13,7 @@ from pvbus.bench.runner import run_roles
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # about 8 s alone, several times that on a loaded machine
 def test_one_million_mixed_packets_between_processes() -> None:
     count, seed = 1_000_000, 11
     pair = RingPair(data_size=1 << 20)

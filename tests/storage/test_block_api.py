@@ -13,7 +13,7 @@ from guest_kernel.drivers.storvsc import BlockError, BlockRequest
 from vmbus.protocols import storvsc as S
 
 from ..bus.harness import host_process
-from .conftest import run_guest
+from .helpers import run_guest
 
 
 def test_block_api(tmp_path: Path) -> None:
@@ -69,18 +69,18 @@ def test_vectored_reads_and_writes(tmp_path: Path) -> None:
         at += size + 4096  # gaps: a misplaced request would show
     with host_process(tmp_path, "--disk", str(tmp_path / "d.img"), "--disk-size", "16M") as host:
 
-        async def body(kernel) -> None:  # noqa: ANN001
+        async def body(kernel) -> list[str]:  # noqa: ANN001
             disk = kernel.device("storage")
             assert len(disk.queues) > 1
             sources = [disk.buffer(size) for size in sizes]
-            for i, buf in enumerate(sources):
+            for buf in sources:
                 buf.view[:] = os.urandom(len(buf.view))
             before = kernel.hypercalls.exits["signal_event"]
             await disk.write_from(offsets, sources, fua=True)
             assert kernel.hypercalls.exits["signal_event"] - before <= len(disk.queues)
             targets = [disk.buffer(size) for size in sizes]
             await disk.read_into(offsets, targets)
-            for src, dst in zip(sources, targets):
+            for src, dst in zip(sources, targets, strict=True):
                 assert bytes(dst.view) == bytes(src.view)
             # the gaps stayed empty
             assert await disk.read(offsets[0] + sizes[0], 4096) == bytes(4096)
@@ -103,4 +103,4 @@ def test_vectored_reads_and_writes(tmp_path: Path) -> None:
 
         written = run_guest(host.socket, body)
     image = (tmp_path / "d.img").read_bytes()  # FUA writes: in the image as the host left it
-    assert [hashlib.sha256(image[o : o + n]).hexdigest() for o, n in zip(offsets, sizes)] == written
+    assert [hashlib.sha256(image[o : o + n]).hexdigest() for o, n in zip(offsets, sizes, strict=True)] == written

@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 
@@ -20,7 +21,7 @@ from ring._api import encode_gpa_direct_header
 from vmbus.protocols import storvsc as S
 
 from ..bus.harness import PVBUS, host_process
-from .conftest import run_guest
+from .helpers import run_guest
 
 MiB = 1 << 20
 
@@ -119,10 +120,10 @@ class _FailingDisk(DiskImage):
     (device-mapper's tools do not match this kernel), so the backend raises
     the OSError a failing disk would."""
 
-    def readv(self, iov, offset):  # noqa: ANN001, ANN201
+    def readv(self, iov: Any, offset: int) -> NoReturn:
         raise OSError(errno.EIO, "Input/output error")
 
-    def writev(self, iov, offset, *, fua=False):  # noqa: ANN001, ANN201
+    def writev(self, iov: Any, offset: int, *, fua: bool = False) -> NoReturn:
         raise OSError(errno.EIO, "Input/output error")
 
 
@@ -204,14 +205,14 @@ def test_corrupt_ring_closes_only_that_channel(tmp_path: Path) -> None:
             disk.queues[1].channel.signal()
             from vmbus.host import admin_request
 
-            with trio.fail_after(10):
+            with trio.fail_after(30):
                 while True:
                     snap = await admin_request(host.socket, {"cmd": "inspect"})
                     if snap["partitions"][0]["rejected"].get("ring"):
                         break
                     await trio.sleep(0.01)
             # the host rescinded that one queue; the guest stops using it
-            with trio.fail_after(10):
+            with trio.fail_after(30):
                 while not disk.queues[1].channel.revoked:
                     await trio.sleep(0.01)
             assert await kernel.device("echo").echo(b"alive") == b"alive"

@@ -58,7 +58,7 @@ class Rig:
     def stage(self, *ios: tuple[bool, bool, int, int, int, int]) -> None:
         """(write, fua, lba, blocks, pfn, trans_id) each; then publish."""
         arr = gffi.new("storvsc_io[]", len(ios))
-        for io, (write, fua, lba, blocks, pfn, tid) in zip(arr, ios):
+        for io, (write, fua, lba, blocks, pfn, tid) in zip(arr, ios, strict=True):
             io.write, io.fua, io.lba, io.blocks, io.pfn, io.trans_id = write, fua, lba, blocks, pfn, tid
         staged, needed = gffi.new("uint32_t *"), gffi.new("uint32_t *")
         rc = glib.storvsc_stage(gffi.cast("pv_ring *", self.guest_out.c_address), 512, arr, len(ios), staged, needed)
@@ -130,7 +130,7 @@ def test_wire_layout_is_the_python_structs() -> None:
     assert len(codes) == len(fields)
     expanded = fmt.replace("20s", "S")
     offset = 0
-    for name, code in zip(fields, expanded):
+    for name, code in zip(fields, expanded, strict=True):
         assert gffi.offsetof("struct sv_srb", name) == offset, name
         offset += 20 if code == "S" else struct.calcsize("<" + code)
     assert gffi.sizeof("struct sv_srb") == S.SCSI_REQUEST_SIZE == offset
@@ -272,22 +272,22 @@ def test_guest_queue_stays_masked_while_anyone_polls_and_rechecks_when_the_last_
     queue = DiskQueue(Channel(1, rig.guest_out, rig.guest_in, lambda: None, never), capacity=8)
 
     def masked() -> bool:
-        return struct.unpack_from("<I", rig.shm.buf, RING + 8)[0] == 1  # interrupt_mask of the completion ring
+        return bool(struct.unpack_from("<I", rig.shm.buf, RING + 8)[0] == 1)  # interrupt_mask of the completion ring
 
     first, second = object(), object()
-    queue.hold(first)
-    queue.hold(second)
+    queue.poller.hold(first)
+    queue.poller.hold(second)
     assert masked()
-    queue.let_go(first)
+    queue.poller.let_go(first)
     assert masked()  # the second holder still polls
     # A completion lands while masked: the host need not (and does not) signal.
     rig.host_out.write(S.packet(S.Operation.COMPLETE_IO, 0, b""), trans_id=3, packet_type=PacketType.COMPLETION)
     assert rig.host_out.commit() is False
-    queue.let_go(second)
+    queue.poller.let_go(second)
     assert not masked()
     # Letting go re-checked and reaped it (no request 3 is outstanding: a stray).
     assert queue.stray_completions == 1 and rig.guest_in.available == 0
-    queue.let_go(second)  # letting go twice changes nothing
+    queue.poller.let_go(second)  # letting go twice changes nothing
     assert not masked() and queue.stray_completions == 1
 
 
@@ -324,7 +324,7 @@ def test_letting_go_re_checks_after_its_own_reap(rig: Rig) -> None:
     queue = DiskQueue(channel, capacity=8)
     completion = S.packet(S.Operation.COMPLETE_IO, 0, b"")
     holder = object()
-    queue.hold(holder)
+    queue.poller.hold(holder)
     rig.host_out.write(completion, trans_id=3, packet_type=PacketType.COMPLETION)
     assert rig.host_out.commit() is False  # masked: no signal
     commit_read = channel.commit_read
@@ -337,6 +337,6 @@ def test_letting_go_re_checks_after_its_own_reap(rig: Rig) -> None:
         commit_read(packets)
 
     channel.commit_read = host_publishes_before_our_commit  # type: ignore[method-assign]
-    queue.let_go(holder)
+    queue.poller.let_go(holder)
     assert raced == [False]  # the host saw a non-empty ring and did not signal
     assert rig.guest_in.available == 0 and queue.stray_completions == 2  # both reaped anyway

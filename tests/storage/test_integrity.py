@@ -12,11 +12,12 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 
 from guest_kernel.drivers.storvsc import BlockRequest
 
 from ..bus.harness import PVBUS, host_process
-from .conftest import run_guest
+from .helpers import run_guest
 
 DISK = 64 << 20
 BS = 512
@@ -55,6 +56,7 @@ def _batch(rng: random.Random, depth: int) -> list[BlockRequest]:
     return reqs
 
 
+@pytest.mark.timeout(600)  # about 25 s alone, four times that on a loaded machine
 def test_random_workload_against_model(tmp_path: Path) -> None:
     with host_process(tmp_path, "--disk", str(tmp_path / "disk.img"), "--disk-size", str(DISK)) as host:
 
@@ -67,7 +69,7 @@ def test_random_workload_against_model(tmp_path: Path) -> None:
             while counts["ops"] < 100_000:
                 reqs = _batch(rng, rng.choice([1, 4, 16, 32, 64]))
                 results = await disk.submit(reqs)
-                for req, res in zip(reqs, results):
+                for req, res in zip(reqs, results, strict=True):
                     assert res.error is None, res.error
                     counts[req.op] += 1
                     if req.op == "read":
@@ -89,6 +91,7 @@ def test_random_workload_against_model(tmp_path: Path) -> None:
     assert min(counts[k] for k in ("read", "write", "flush", "discard")) > 1000
 
 
+@pytest.mark.timeout(600)  # fifty host processes started and killed
 def test_flushed_data_survives_host_sigkill(tmp_path: Path) -> None:
     image = tmp_path / "durable.img"
     rng = random.Random(7)
@@ -104,7 +107,7 @@ def test_flushed_data_survives_host_sigkill(tmp_path: Path) -> None:
             if off + len(data) > 8 << 20:
                 off = (8 << 20) - len(data)
 
-            acknowledged = []
+            acknowledged: list[int] = []
 
             async def body(kernel, off=off, data=data, trial=trial, acknowledged=acknowledged, proc=proc) -> None:  # noqa: ANN001
                 disk = kernel.device("storage")
