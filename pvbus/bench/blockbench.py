@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .blockload import Workload, encode, run_native
-from .ringbench import render_targets
+from .tables import num, print_table, render_targets
 
 FULL = [
     Workload("read", 4096, 4), Workload("write", 4096, 4),
@@ -150,7 +150,8 @@ def evaluate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r = pv["mb_per_s"] / nat["mb_per_s"]
         out.append({"target": "seq 1 MiB read QD4 >= 0.9x native MB/s", "ratio": r, "met": r >= 0.9,
                     "detail": f"{pv['mb_per_s']:,.0f} vs {nat['mb_per_s']:,.0f} MB/s"})
-    pv, nat = find_record(records, "paravirt", "randread", 4096, 32), find_record(records, "native", "randread", 4096, 32)
+    pv = find_record(records, "paravirt", "randread", 4096, 32)
+    nat = find_record(records, "native", "randread", 4096, 32)
     if pv and nat:
         r = pv["iops"] / nat["iops"]
         out.append({"target": "rand 4 KiB read QD32 >= 0.5x native IOPS", "ratio": r, "met": r >= 0.5,
@@ -160,24 +161,40 @@ def evaluate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def render(result: dict[str, Any], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+COLUMNS = ("mode", "rw", "bs", "qd", "IOPS", "MB/s", "p50 us", "p99 us", "exits/IO")
+NUMERIC = (False, False, True, True, True, True, True, True, True)
 
-    console = Console()
-    table = Table(title=title)
-    for col in ("mode", "rw", "bs", "qd", "IOPS", "MB/s", "p50 us", "p99 us", "exits/IO"):
-        table.add_column(col, justify="left" if col in ("mode", "rw") else "right")
-    for r in sorted(result["records"], key=lambda r: (r["rw"], r["bs"], r["iodepth"], r["mode"])):
-        table.add_row(r["mode"], r["rw"], size_label(r["bs"]), str(r["iodepth"]), f"{r['iops']:,.3g}" if r["iops"] < 10 else f"{r['iops']:,.0f}",
-                      f"{r['mb_per_s']:,.3g}" if r["mb_per_s"] < 10 else f"{r['mb_per_s']:,.0f}",
-                      _us(r["lat_p50_us"]), _us(r["lat_p99_us"]), f"{r['exits_per_io']:,.3f}")
-    console.print(table)
+
+def rows(result: dict[str, Any]) -> list[list[str]]:
+    """One row per record, every number in the one format of ``tables.num``."""
+    return [[r["mode"], r["rw"], size_label(r["bs"]), str(r["iodepth"]), num(r["iops"]), num(r["mb_per_s"]),
+             num(r["lat_p50_us"]), num(r["lat_p99_us"]), num(r["exits_per_io"])]
+            for r in sorted(result["records"], key=lambda r: (r["rw"], r["bs"], r["iodepth"], r["mode"]))]
+
+
+def render(result: dict[str, Any], title: str, console: Any = None) -> None:
+    print_table(title, COLUMNS, rows(result), NUMERIC, console)
     render_targets(console, result.get("targets", []))
 
 
-def _us(v: float | None) -> str:
-    return "" if v is None else f"{v:,.1f}"
+def render_demo(result: dict[str, Any], console: Any = None) -> None:
+    """The ``pvbus run`` demo: the numbers and what they are, no verdicts (the
+    targets belong to ``make bench``, with runs long enough to judge)."""
+    title = "pvbus run: a guest's disk over VMBus beside the same I/O done natively"
+    print_table(title, COLUMNS, rows(result), NUMERIC, console)
+    seconds = max(r.get("seconds", 0) for r in result["records"])
+    text = (
+        "\nWhat ran: each workload once in this process on the image file (native), then in a guest\n"
+        "process through its paravirtual SCSI disk to a host process serving the same image (paravirt),\n"
+        f"each for about {seconds:.1f} s.  exits/IO counts the guest's trips to the host per request.\n"
+        "These are short runs on a machine that other programs share: the ratios between native and\n"
+        "paravirt move from run to run.  `make bench` runs the full benchmarks and checks the targets."
+    )
+    print(text, file=_file(console), flush=True)
+
+
+def _file(console: Any) -> Any:
+    return console.file if console is not None else sys.stdout
 
 
 def size_label(n: int) -> str:

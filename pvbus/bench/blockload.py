@@ -76,15 +76,29 @@ def _guest_counters(kernel: Any, disk: Any = None) -> Counters:
     return lambda: (sum(kernel.hypercalls.exits.values()), kernel.synic.interrupts, getattr(disk, "bytes_moved", 0))
 
 
-class _Window:
+class NoCompletedIO(RuntimeError):
+    """A measurement in which no I/O completed: it has no rate to report."""
+
+
+# How long past its planned end a measurement waits for its first completed
+# I/O (a device slowed down by a loaded machine) before it gives up.
+GRACE_SECONDS = 60.0
+
+
+class MeasuringWindow:
     """Ramp, then measure for ``runtime`` seconds: latencies, I/Os, and the
     counters' growth inside the window.  Everything restarts when the ramp
-    ends; a device too slow to finish a request within the ramp is measured
-    from the start instead."""
+    ends, if the ramp completed anything; a device too slow to finish a
+    request within the ramp is measured from the start instead.  The window
+    does not close before it holds completed I/O (a request, or with
+    ``by_bytes`` a sector's worth of bytes moved): a rate is never computed
+    from nothing.  After ``GRACE_SECONDS`` more it closes anyway and
+    ``result`` raises ``NoCompletedIO``."""
 
-    def __init__(self, wl: Workload, counters: Counters = _no_counters) -> None:
+    def __init__(self, wl: Workload, counters: Counters = _no_counters, *, by_bytes: bool = False) -> None:
         self.wl = wl
         self._counters = counters
+        self.by_bytes = by_bytes
         self.start = time.perf_counter()
         self.measuring = self.start + wl.ramp
         self.end = self.measuring + wl.runtime
@@ -97,26 +111,44 @@ class _Window:
         self.base = self._counters()
         self.cpu0 = time.process_time()
 
-    def going(self) -> bool:
+    def _moved(self) -> int:
+        return self._counters()[2] - self.base[2]
+
+    def measured_something(self) -> bool:
+        return self._moved() > 0 if self.by_bytes else self.ios > 0
+
+    def finished(self) -> bool:
+        """Past the planned end with completed I/O in hand, or past the grace."""
         now = time.perf_counter()
-        if now >= self.end:
+        return now >= self.end and (self.measured_something() or now >= self.end + GRACE_SECONDS)
+
+    def going(self) -> bool:
+        if self.finished():
             return False
-        if self.t_measure is None and now >= self.measuring:
-            self.t_measure = now
-            self._reset()
+        if self.t_measure is None and time.perf_counter() >= self.measuring:
+            if self.measured_something():
+                self.t_measure = time.perf_counter()
+                self._reset()
+            else:  # nothing finished in the ramp: the ramp is part of the measurement
+                self.t_measure = self.start
         return True
 
     def record(self, ns: int, count: int = 1) -> None:
         self.hist.record_value(max(1, ns), count)
         self.ios += count
 
-    def result(self, mode: str, *, by_bytes: bool = False, **extra: Any) -> dict[str, Any]:
-        """The record; ``by_bytes`` counts I/Os by the bytes the device moved
-        (a request cut off by the end of the window counts for its part)."""
+    def result(self, mode: str, **extra: Any) -> dict[str, Any]:
+        """The record; with ``by_bytes`` I/Os are counted by the bytes the
+        device moved (a request cut off by the end of the window counts for
+        its part).  Raises ``NoCompletedIO`` rather than report a rate of
+        nothing."""
         wl = self.wl
         seconds = time.perf_counter() - (self.t_measure or self.start)
         exits, interrupts, moved = (now - then for now, then in zip(self._counters(), self.base, strict=True))
-        ios = moved / wl.bs if by_bytes else self.ios
+        ios = moved / wl.bs if self.by_bytes else self.ios
+        if ios <= 0:
+            raise NoCompletedIO(f"{mode} {wl.rw} {wl.bs} B QD{wl.iodepth}: no I/O completed in {seconds:.1f} s "
+                                f"({exits} exits); the device is stuck or the machine overloaded")
         pct = self.hist.get_value_at_percentile
         finished = self.hist.get_total_count() > 0  # none, for a large emulated request
         return {
@@ -124,7 +156,7 @@ class _Window:
             "iops": ios / seconds, "mb_per_s": ios * wl.bs / seconds / 1e6,
             **{f"lat_{name}_us": pct(p) / 1000 if finished else None
                for name, p in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100))},
-            "exits_per_io": exits / max(ios, 1e-9), "interrupts_per_io": interrupts / max(ios, 1e-9),
+            "exits_per_io": exits / ios, "interrupts_per_io": interrupts / ios,
             "guest_cpu_s": time.process_time() - self.cpu0, **extra,
         }
 
@@ -135,7 +167,7 @@ def run_native(path: str, wl: Workload) -> dict[str, Any]:
     io = os.pwritev if wl.write else os.preadv
     offsets = wl.offsets()
     try:
-        window = _Window(wl)
+        window = MeasuringWindow(wl)
         while window.going():
             t0 = time.perf_counter_ns()
             io(fd, view, next(offsets))
@@ -155,7 +187,7 @@ async def run_paravirt(kernel: Any, wl: Workload) -> dict[str, Any]:
     for b in buffers:
         b.view[:] = os.urandom(wl.bs)
     offsets = wl.offsets()
-    window = _Window(wl, _guest_counters(kernel))
+    window = MeasuringWindow(wl, _guest_counters(kernel))
 
     transfer = disk.write_from if wl.write else disk.read_into
 
@@ -195,8 +227,17 @@ async def run_trapped(kernel: Any, wl: Workload, mode: str, disk: Any = None) ->
     offsets = wl.offsets()
     buffer = DmaBuffer(kernel.ram, wl.bs)
     buffer.view[:] = data
-    window = _Window(wl, _guest_counters(kernel, disk))
-    with trio.move_on_at(trio.current_time() + wl.ramp + wl.runtime):
+    window = MeasuringWindow(wl, _guest_counters(kernel, disk), by_bytes=mode == "emulated")
+
+    async def stop_when_measured(scope: trio.CancelScope) -> None:
+        # Cut the running request off once the window may close: past its end
+        # and (emulated) with some bytes moved, so a slow request still counts.
+        while not window.finished():
+            await trio.sleep(0.005)
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stop_when_measured, nursery.cancel_scope)
         while window.going():
             t0 = time.perf_counter_ns()
             if mode == "fullvirt":
@@ -206,8 +247,9 @@ async def run_trapped(kernel: Any, wl: Workload, mode: str, disk: Any = None) ->
             else:
                 await disk.read(next(offsets), wl.bs)
             window.record(time.perf_counter_ns() - t0)
+        nursery.cancel_scope.cancel()
     buffer.free()
-    return window.result(mode, by_bytes=mode == "emulated")
+    return window.result(mode)
 
 
 async def guest_program(kernel: Any, argv: list[str]) -> int:

@@ -48,7 +48,8 @@ def evaluate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r = pv["mb_per_s"] / max(em["mb_per_s"], 1e-12)
         out.append({"target": "paravirt / emulated >= 50x, 1 MiB seq read", "ratio": r, "met": r >= 50,
                     "detail": f"{pv['mb_per_s']:,.1f} vs {em['mb_per_s']:,.4f} MB/s"})
-    pv, fv = find_record(records, "paravirt", "randread", 4096, 32), find_record(records, "fullvirt", "randread", 4096, 32)
+    pv = find_record(records, "paravirt", "randread", 4096, 32)
+    fv = find_record(records, "fullvirt", "randread", 4096, 32)
     if pv and fv:
         r = pv["iops"] / max(fv["iops"], 1e-12)
         out.append({"target": "paravirt / fullvirt >= 2x, 4 KiB rand read QD32", "ratio": r, "met": r >= 2,

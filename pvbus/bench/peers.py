@@ -78,7 +78,8 @@ class OsPipe:
     def ping(self, iterations: int, size: int, warmup: int = 200) -> dict[str, Any]:
         # Small frames: one write and (almost always) one read per message.
         rfd, wfd = self._ends(0)
-        return _ping(lambda m: _writev_all(wfd, [_LEN.pack(len(m)) + m]), lambda: _read_frame(rfd), iterations, size, warmup)
+        return _ping(lambda m: _writev_all(wfd, [_LEN.pack(len(m)) + m]), lambda: _read_frame(rfd),
+                     iterations, size, warmup)
 
     def pong(self, iterations: int, size: int, warmup: int = 200) -> dict[str, Any]:
         rfd, wfd = self._ends(1)

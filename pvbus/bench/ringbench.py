@@ -25,6 +25,7 @@ from hdrh.histogram import HdrHistogram
 from . import peers, workload
 from .ringpair import RingPair, data_size_for
 from .runner import run_roles
+from .tables import num, print_table, render_targets
 
 PAYLOADS = (64, 4096, 65536)
 BATCH = {64: 512, 4096: 256, 65536: 16}  # 32 KiB, 1 MiB, 1 MiB per batch
@@ -234,35 +235,13 @@ def evaluate_targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return targets
 
 
-def render(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    table = Table(title="pvbus bench ring: one-way throughput and 64 B round trip (two processes)")
-    for col in ("transport", "mode", "payload", "msgs/s", "MB/s", "RTT p50 us", "RTT p99 us", "signals/msg"):
-        table.add_column(col, justify="right" if col not in ("transport", "mode") else "left")
-    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-    for r in result["records"]:
-        table.add_row(r["transport"], r["mode"], f"{r['payload_bytes']}", f"{r['msgs_per_s']:,.0f}",
-                      f"{r['mb_per_s']:,.0f}", fmt(r["rtt_p50_us"], ".2f"), fmt(r["rtt_p99_us"], ".2f"),
-                      fmt(r.get("signals_per_msg"), ".4f"))
-    console.print(table)
+def render(result: dict[str, Any], console: Any = None) -> None:
+    columns = ("transport", "mode", "payload", "msgs/s", "MB/s", "RTT p50 us", "RTT p99 us", "signals/msg")
+    rows = [[r["transport"], r["mode"], str(r["payload_bytes"]), num(r["msgs_per_s"]), num(r["mb_per_s"]),
+             num(r["rtt_p50_us"]), num(r["rtt_p99_us"]), num(r.get("signals_per_msg"))] for r in result["records"]]
+    print_table("pvbus bench ring: one-way throughput and 64 B round trip (two processes)", columns, rows,
+                (False, False, True, True, True, True, True, True), console)
     render_targets(console, result["targets"])
-
-
-def render_targets(console: Any, targets: list[dict[str, Any]]) -> None:
-    """The targets table shared by every benchmark."""
-    from rich.table import Table
-
-    if not targets:
-        return
-    table = Table(title="targets (ratios within this run)")
-    for col in ("target", "ratio", "met", "detail"):
-        table.add_column(col)
-    for t in targets:
-        table.add_row(t["target"], f"{t['ratio']:.3g}", "yes" if t["met"] else "NO", t["detail"])
-    console.print(table)
 
 
 def main(json_path: str | None, quick: bool) -> int:

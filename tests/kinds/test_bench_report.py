@@ -8,6 +8,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from pvbus.bench.tables import num
+
 from ..bus.harness import PVBUS
 
 FIELDS = {"mode", "rw", "bs", "iodepth", "mb_per_s", "iops", "lat_p50_us", "lat_p90_us", "lat_p99_us",
@@ -26,8 +28,13 @@ def test_bench_and_report(tmp_path: Path) -> None:
                                                     for rw in ("read", "randread")}
     for r in recs:
         assert FIELDS <= r.keys() and r["bs"] == 4096 and r["iodepth"] == 8 and r["ios"] > 0
+    printed = res.stdout.decode()  # a pipe: the table as Markdown, every number whole
+    assert "…" not in printed
+    for r in recs:
+        assert f" {num(r['iops'])} |" in printed and f" {num(r['exits_per_io'])} |" in printed
     by = {(r["mode"], r["rw"]): r for r in recs}
-    assert by["emulated", "read"]["exits_per_io"] > by["fullvirt", "read"]["exits_per_io"] > by["paravirt", "read"]["exits_per_io"]
+    exits = {mode: by[mode, "read"]["exits_per_io"] for mode in ("emulated", "fullvirt", "paravirt")}
+    assert exits["emulated"] > exits["fullvirt"] > exits["paravirt"]
     assert by["native", "read"]["exits_per_io"] == 0
     res = subprocess.run([*PVBUS, "bench", "report", str(out)], capture_output=True, timeout=120)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
