@@ -39,3 +39,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info ring/_ring_c.* .pytest_cache .hypothesis bench-results
+
+# Style and types (settings in pyproject.toml: [tool.ruff], [tool.mypy]).
+.PHONY: lint
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ring vmbus host_drivers guest_kernel pvbus tests
+	$(VENV)/bin/mypy

@@ -30,24 +30,25 @@ from ._cring import IncomingRing as IncomingRing
 from ._cring import OutgoingRing as OutgoingRing
 from ._layout import CONTROL_SIZE as CONTROL_SIZE
 from ._layout import DESCRIPTOR_SIZE as DESCRIPTOR_SIZE
-from ._layout import TRAILER_SIZE as TRAILER_SIZE
 from ._layout import PAGE_SIZE as PAGE_SIZE
+from ._layout import TRAILER_SIZE as TRAILER_SIZE
 from ._layout import PacketType as PacketType
 from ._layout import pad8 as pad8
 from ._layout import ring_total_size as ring_total_size
 from ._pyring import IncomingRing as PyIncomingRing
 from ._pyring import OutgoingRing as PyOutgoingRing
+from .atomics import SharedWords as SharedWords
 from .doorbell import Doorbell as Doorbell
 from .errors import PacketTooLarge as PacketTooLarge
 from .errors import RingCorrupt as RingCorrupt
 from .errors import RingEmpty as RingEmpty
 from .errors import RingError as RingError
 from .errors import RingFull as RingFull
-from .atomics import SharedWords as SharedWords
 from .shm import SharedMemory as SharedMemory
 
 __all__ = [
-    "CONTROL_SIZE", "DESCRIPTOR_SIZE", "PAGE_SIZE", "TRAILER_SIZE", "Doorbell", "GpaRange", "IncomingRing", "OutgoingRing", "Packet", "PacketInfo",
+    "CONTROL_SIZE", "DESCRIPTOR_SIZE", "PAGE_SIZE", "TRAILER_SIZE", "Doorbell", "GpaRange", "IncomingRing",
+    "OutgoingRing", "Packet", "PacketInfo",
     "PacketTooLarge", "PacketType", "PyIncomingRing", "PyOutgoingRing", "ReadBatch", "RingCorrupt", "RingEmpty",
     "RingError", "RingFull", "RingStatistics", "SharedMemory", "SharedWords", "encode_gpa_direct_header", "pad8",
     "ring_total_size",

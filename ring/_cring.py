@@ -40,7 +40,7 @@ SMALL_COPY = 512
 
 def _c_payload(payload: Buffer) -> Any:
     """A payload that is not bytes, as the C call takes it."""
-    if len(payload) <= SMALL_COPY:  # type: ignore[arg-type]
+    if len(payload) <= SMALL_COPY:
         return bytes(payload)
     return ffi.from_buffer(payload)
 
@@ -161,7 +161,7 @@ class OutgoingRing(_CRing, OutgoingRingBase):
 
     def send(self, payload: Buffer, *, trans_id: int = 0, completion_requested: bool = False) -> bool:
         buf = payload if type(payload) is bytes else _c_payload(payload)
-        rc = lib.pv_ring_send1(
+        rc: int = lib.pv_ring_send1(
             self._handle, 6, 1 if completion_requested else 0, trans_id, buf, len(buf), self._needed
         )
         if rc < 0:
@@ -199,14 +199,14 @@ class OutgoingRing(_CRing, OutgoingRingBase):
             self._written,
             self._needed,
         )
-        written = self._written[0]
+        written: int = self._written[0]
         if rc and (written == 0 or rc != lib.PV_FULL):
             self._raise(rc)
         return written
 
     def commit(self) -> bool:
         """Publish all staged packets; True when the reader must be signalled."""
-        rc = lib.pv_ring_commit_write(self._handle)
+        rc: int = lib.pv_ring_commit_write(self._handle)
         if rc < 0:
             raise self.corruption()
         return rc == 1
@@ -221,7 +221,7 @@ class OutgoingRing(_CRing, OutgoingRingBase):
         Returns True if they already are (retry now instead of waiting).
         Commit staged packets first.
         """
-        rc = lib.pv_ring_arm_pending_send(self._handle, needed)
+        rc: int = lib.pv_ring_arm_pending_send(self._handle, needed)
         if rc == -lib.PV_TOO_LARGE:
             raise PacketTooLarge(needed, self.max_packet_total)
         if rc == -lib.PV_CORRUPT:
@@ -236,7 +236,7 @@ class OutgoingRing(_CRing, OutgoingRingBase):
     @property
     def write_space(self) -> int:
         """Free bytes now (a packet needs strictly more than its size)."""
-        n = lib.pv_ring_write_space(self._handle)
+        n: int = lib.pv_ring_write_space(self._handle)
         if n < 0:
             raise self.corruption()
         return n
@@ -317,7 +317,7 @@ class IncomingRing(_CRing, IncomingRingBase):
     def commit(self) -> bool:
         """Release every packet taken so far; True when a writer blocked on
         pending_send_sz must be signalled."""
-        rc = lib.pv_ring_commit_read(self._handle)
+        rc: int = lib.pv_ring_commit_read(self._handle)
         if rc < 0:
             raise self.corruption()
         return rc == 1
@@ -329,7 +329,7 @@ class IncomingRing(_CRing, IncomingRingBase):
     def unmask(self) -> bool:
         """Clear the mask and re-check; True means data arrived meanwhile
         (no signal is coming for it: keep draining)."""
-        n = lib.pv_ring_unmask(self._handle)
+        n: int = lib.pv_ring_unmask(self._handle)
         if n < 0:
             raise self.corruption()
         return n > 0
@@ -337,14 +337,14 @@ class IncomingRing(_CRing, IncomingRingBase):
     @property
     def available(self) -> int:
         """Bytes published by the writer and not yet taken."""
-        n = lib.pv_ring_read_available(self._handle)
+        n: int = lib.pv_ring_read_available(self._handle)
         if n < 0:
             raise self.corruption()
         return n
 
     def poll(self, spins: int) -> bool:
         """Spin (in C, GIL released) up to ``spins`` times for data."""
-        n = lib.pv_ring_poll(self._handle, spins)
+        n: int = lib.pv_ring_poll(self._handle, spins)
         if n < 0:
             raise self.corruption()
         return n > 0

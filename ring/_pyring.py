@@ -60,7 +60,8 @@ class _PyRing:
 
     # control page words
     def _get(self, off: int) -> int:
-        return _U32.unpack_from(self._mem, off)[0]
+        value: int = _U32.unpack_from(self._mem, off)[0]
+        return value
 
     def _put(self, off: int, value: int) -> None:
         _U32.pack_into(self._mem, off, value)

@@ -173,7 +173,8 @@ class Channel:
 
     async def receive(self, limit: int = 256) -> list[Packet]:
         """The next batch of packets (at least one), copied out of the ring."""
-        return await self.drain(lambda: self._take(limit))
+        got: list[Packet] = await self.drain(lambda: self._take(limit))
+        return got
 
     async def drain(self, take: Callable[[], Any]) -> Any:
         """Call ``take`` with interrupts masked until it returns something
@@ -265,7 +266,7 @@ class Requestor:
 
         async def send(tids: list[int]) -> None:
             await self.channel.send_many(
-                [(payload, tid, True, ptype, header) for (payload, ptype, header), tid in zip(items, tids)]
+                [(payload, tid, True, ptype, header) for (payload, ptype, header), tid in zip(items, tids, strict=True)]
             )
 
         return await self.transact(len(items), send)

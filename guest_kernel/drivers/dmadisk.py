@@ -31,8 +31,8 @@ class DmaDiskDriver:
 
     async def _reg(self, offset: int, value: int | None = None) -> int:
         if value is None:
-            return await self.hc.io(BASE + offset, 8)
-        return await self.hc.io(BASE + offset, 8, write=True, value=value)
+            return int(await self.hc.io(BASE + offset, 8))
+        return int(await self.hc.io(BASE + offset, 8, write=True, value=value))
 
     async def probe(self) -> bool:
         blocks = await self._reg(CAPACITY)
