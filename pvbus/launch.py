@@ -178,5 +178,5 @@ def storage_demo(image: str | None, size: str | None) -> int:
 
     with Console(stderr=True).status("starting") as status:
         result = blockbench.run(workloads, progress=status.update, image=image)
-    blockbench.render(result, "pvbus run: a guest's disk over VMBus beside the same I/O done natively")
+    blockbench.render_demo(result)
     return 0
