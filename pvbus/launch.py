@@ -62,6 +62,20 @@ async def _until_signal(cancel: trio.CancelScope, *,
             return
 
 
+async def _until_shutdown_request(kernel: Any, cancel: trio.CancelScope) -> None:
+    """Cancel ``cancel`` (the guest program) once the host asks for a shutdown
+    through the shutdown integration service; the guest then shuts down
+    cleanly and exits 0.  A guest offered no shutdown device waits for none."""
+    from vmbus.errors import ChannelRevoked
+
+    try:
+        requested = kernel.device("shutdown").requested
+    except (LookupError, ChannelRevoked):
+        return
+    await requested.wait()
+    cancel.cancel()
+
+
 def disk_config(path: str | None, size: str | None, read_only: bool) -> dict[str, dict[str, Any]]:
     if not path:
         return {}
@@ -112,6 +126,7 @@ async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: i
             await kernel.boot(socket_path, nursery)
             with trio.CancelScope() as program_scope:
                 await nursery.start(_until_signal, program_scope)
+                nursery.start_soon(_until_shutdown_request, kernel, program_scope)
                 status = await func(kernel, argv)
             if program_scope.cancelled_caught:
                 status = 0  # asked to stop: shut down cleanly and say so
