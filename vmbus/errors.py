@@ -17,6 +17,11 @@ class ChannelRevoked(VmbusError, trio.BrokenResourceError):
     """The host rescinded the device; requests in flight and later ones fail."""
 
 
+class RegisterAccessRefused(VmbusError):
+    """An emulated device model refuses a trapped register access (a size its
+    register does not have); the exit is answered INVALID_PARAMETER."""
+
+
 class BootError(VmbusError):
     """The guest could not connect, negotiate or enumerate."""
 

@@ -9,16 +9,22 @@ guest disconnects or dies, the nursery is cancelled and every task,
 mapping and descriptor of that partition is released; other partitions
 never notice.
 
-An admin socket (``<socket>.admin``, AF_UNIX stream, one JSON request per
-line) serves ``pvbus inspect`` and hot-remove: ``{"cmd": "inspect"}``,
-``{"cmd": "rescind", "partition": N, "relid": R}``, and
-``{"cmd": "wait", "partitions": N}`` (answers once N guests are connected).
+An admin socket (``<socket>.admin``) serves ``pvbus inspect``, hot-remove
+and waiting for guests; its protocol is ``vmbus.admin``.  Both sockets are
+created and guarded as ``vmbus.access`` describes: owner-only unless shared
+with a group, peers checked by their credentials, a live socket never taken
+over, only our own socket files removed.
+
+A misbehaving guest costs one warning line naming its partition and the
+reason; the traceback is logged at debug level only.  ``shutdown`` is the
+host's goodbye: every offered channel is rescinded, the guests get a short
+grace period to release them, then the caller cancels ``run``, which closes
+every control socket.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import socket
@@ -29,15 +35,22 @@ from typing import Any
 import trio
 
 from . import hv
+from .access import Access, Listener, listen_unix
+from .admin import AdminError, admin_request
+from .admin import serve as serve_admin
 from .device import DeviceSpec
 from .guest_memory import GuestMemory, GuestMemoryError
 from .hypervisor import Partition
-from .server import HOST_VERSIONS, VmbusServer
+from .server import HOST_VERSIONS, Refused, VmbusServer
 from .transport import (
     CONNECT_BODY, KIND, STATUS, ExitKind, Truncated, fd_kind, is_eventfd, recv_msg, release_fds, send_msg,
 )
 
 log = logging.getLogger(__name__)
+__all__ = ["HostService", "admin_request"]  # admin_request lives in vmbus.admin; callers reach it here too
+SHUTDOWN_GRACE = 2.0  # seconds guests get to release rescinded channels before their sockets close
+GUEST_BACKLOG = 64
+ADMIN_BACKLOG = 64  # the kernel's queue, not the host's: bursts of clients wait there
 
 
 class HostService:
@@ -49,8 +62,12 @@ class HostService:
         versions: Iterable[int] = HOST_VERSIONS,
         device_config: dict[str, dict[str, Any]] | None = None,
         emulated_disks: bool = False,
+        group: str | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
+        self.group = group
+        self.access: Access | None = None
+        self._listeners: tuple[Listener, Listener] | None = None
         self.emulated_disks = emulated_disks
         self.admin_path = Path(f"{self.socket_path}.admin")
         self.devices = list(devices)
@@ -65,36 +82,70 @@ class HostService:
         ev, self._changed = self._changed, trio.Event()
         ev.set()
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        admin = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        for path in (self.socket_path, self.admin_path):
-            path.unlink(missing_ok=True)
+    def bind(self) -> None:
+        """Create the guest and admin sockets (``HostSocketError`` in words if
+        the path is in use, is not a socket or cannot be created).  ``run``
+        calls it if the caller did not; calling it first lets a command
+        report the problem before anything starts."""
+        if self._listeners is not None:
+            return
+        self.access = Access.for_group(self.group)
+        guests = listen_unix(self.socket_path, socket.SOCK_SEQPACKET, self.access, GUEST_BACKLOG)
         try:
-            await listener.bind(str(self.socket_path))
-            listener.listen(64)
-            await admin.bind(str(self.admin_path))
-            admin.listen(8)
+            admin = listen_unix(self.admin_path, socket.SOCK_STREAM, self.access, ADMIN_BACKLOG)
+        except BaseException:
+            guests.close()
+            raise
+        self._listeners = guests, admin
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.bind()
+        assert self._listeners is not None and self.access is not None
+        guests, admin = self._listeners
+        access = self.access
+        try:
+            listener = trio.socket.from_stdlib_socket(guests.sock)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._accept_admin, admin, nursery)
+                await nursery.start(serve_admin, trio.socket.from_stdlib_socket(admin.sock), self,
+                                    lambda conn: access.admits(conn, "admin socket"))
                 task_status.started()
-                log.info("host listening on %s", self.socket_path)
+                log.info("host listening on %s (%s may connect)", self.socket_path, access.describe())
                 while True:
-                    sock, _ = await listener.accept()
+                    try:
+                        sock, _ = await listener.accept()
+                    except OSError as exc:  # out of fds, say: wait a little rather than spin or die
+                        log.warning("guest socket: accept failed: %s", exc)
+                        await trio.sleep(0.1)
+                        continue
+                    if not access.admits(sock, "guest socket"):
+                        sock.close()
+                        continue
                     nursery.start_soon(self._guest, sock)
         finally:
-            listener.close()
-            admin.close()
-            for path in (self.socket_path, self.admin_path):
-                path.unlink(missing_ok=True)
+            self._listeners = None
+            for each in (guests, admin):
+                each.close()
+
+    async def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Tell every guest the host is going: rescind every channel it was
+        offered and wait up to ``grace`` seconds for the guests to release them
+        (or leave).  Then cancel ``run``: that closes every control socket."""
+        for _, server in self.partitions.values():
+            server.rescind_all()
+        with trio.move_on_after(grace):
+            # Polled: a release is a guest message with no event of its own,
+            # and this runs once, for at most ``grace``.
+            while any(server.offers_sent and server.channels for _, server in self.partitions.values()):
+                await trio.sleep(0.02)
 
     async def _guest(self, sock: trio.socket.SocketType) -> None:
         """One guest from connect to release.  Whatever goes wrong in it ends
         this partition only: the service and every other guest carry on."""
         try:
             await self._run_guest(sock)
-        except Exception:  # noqa: BLE001 - isolation between guests is the point
-            log.exception("a partition failed; it was released, the host goes on")
+        except Exception as exc:  # noqa: BLE001 - isolation between guests is the point
+            log.warning("a connecting guest failed: %s", failure_reason(exc))
+            log.debug("a connecting guest failed", exc_info=True)
 
     async def _run_guest(self, sock: trio.socket.SocketType) -> None:
         partition = await self._connect(sock)
@@ -116,6 +167,9 @@ class HostService:
                 except OSError as exc:
                     log.info("partition %d: control socket error: %s", partition.id, exc)
                 nursery.cancel_scope.cancel()  # guest gone: stop every channel worker
+        except Exception as exc:  # noqa: BLE001 - one line per misbehaving guest; the rest at debug level
+            log.warning("partition %d: failed, releasing it (the host goes on): %s", partition.id, failure_reason(exc))
+            log.debug("partition %d failed", partition.id, exc_info=True)
         finally:
             self.partitions.pop(partition.id, None)
             with trio.CancelScope(shield=True):
@@ -176,31 +230,7 @@ class HostService:
             return None
         return Partition(next(self._ids), sock, memory, fds[1])
 
-    # -- admin ---------------------------------------------------------------
-
-    async def _accept_admin(self, admin: trio.socket.SocketType, nursery: trio.Nursery) -> None:
-        while True:
-            conn, _ = await admin.accept()
-            nursery.start_soon(self._admin, trio.SocketStream(conn))
-
-    async def _admin(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            buf = b""
-            while b"\n" not in buf and len(buf) < 65536:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                buf += chunk
-            try:
-                req = json.loads(buf.split(b"\n", 1)[0])
-                if req.get("cmd") == "wait":
-                    reply = await self.wait_partitions(int(req["partitions"]), float(req.get("timeout", 30)))
-                else:
-                    reply = self.admin_command(req)
-            except (ValueError, KeyError, TypeError) as exc:
-                reply = {"ok": False, "error": str(exc)}
-            await stream.send_all(json.dumps(reply).encode() + b"\n")
-
+    # -- admin (vmbus.admin.AdminHost) ------------------------------------------
     async def wait_partitions(self, count: int, timeout: float) -> dict[str, Any]:
         """Return once exactly ``count`` partitions exist (admin ``wait``)."""
         with trio.move_on_after(timeout):
@@ -208,15 +238,15 @@ class HostService:
                 await self._changed.wait()
         return {"ok": len(self.partitions) == count, "partitions": len(self.partitions)}
 
-    def admin_command(self, req: dict[str, Any]) -> dict[str, Any]:
-        cmd = req.get("cmd")
-        if cmd == "inspect":
-            return {"ok": True, **self.inspect()}
-        if cmd == "rescind":
-            partition, server = self.partitions[int(req["partition"])]
-            server.rescind(int(req["relid"]))
-            return {"ok": True}
-        raise ValueError(f"unknown command {cmd!r}")
+    def rescind(self, partition: int, relid: int) -> None:
+        """Hot-remove channel ``relid`` of ``partition`` (admin ``rescind``)."""
+        entry = self.partitions.get(partition)
+        if entry is None:
+            raise AdminError(f"no partition {partition}")
+        try:
+            entry[1].rescind(relid)
+        except Refused as exc:
+            raise AdminError(f"partition {partition}: {exc}") from None
 
     def inspect(self) -> dict[str, Any]:
         import psutil
@@ -234,15 +264,10 @@ class HostService:
         }
 
 
-async def admin_request(socket_path: str | os.PathLike[str], request: dict[str, Any]) -> dict[str, Any]:
-    """Send one admin request to a running host (``pvbus inspect`` uses this)."""
-    stream = await trio.open_unix_socket(f"{socket_path}.admin")
-    async with stream:
-        await stream.send_all(json.dumps(request).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
-            buf += chunk
-    return json.loads(buf)
+def failure_reason(exc: BaseException) -> str:
+    """What went wrong, in one line: each exception inside trio's groups as
+    its type and message."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(failure_reason(inner) for inner in exc.exceptions)
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

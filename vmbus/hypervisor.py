@@ -35,6 +35,7 @@ from typing import Any
 import trio
 
 from . import hv
+from .errors import RegisterAccessRefused
 from .guest_memory import PAGE_SIZE, GuestMemory, GuestMemoryError
 from .interrupts import Signaller
 from .limits import HOST_BUDGET, Budget
@@ -111,8 +112,8 @@ class Partition:
             try:
                 reply, reply_fds = await self.handle_exit(data)
             except Exception as exc:  # noqa: BLE001 - a guest must never crash the host
-                log.exception("partition %d: exit handling failed", self.id)
-                self.reject("exit", f"internal error: {exc!r}")
+                self.reject("exit", f"internal error: {exc!r}")  # the one warning line for this event
+                log.debug("partition %d: exit handling failed", self.id, exc_info=True)
                 reply, reply_fds = self._status_reply(data, hv.HvStatus.INVALID_PARAMETER), []
             await send_msg(self.sock, reply, reply_fds)
 
@@ -155,8 +156,14 @@ class Partition:
             return IO_REPLY.pack(hv.HvStatus.INVALID_PARAMETER, 0)
         for base, length, model in self.io_regions:
             if base <= addr < base + length:
-                # A model that raises is caught in serve(): an error status, never a host crash.
-                value = await model.access(addr - base, size, bool(write), value & ((1 << (8 * size)) - 1))
+                # A model refuses an access its register does not take with
+                # RegisterAccessRefused; anything else it raises is a bug,
+                # caught in serve(): an error status, never a host crash.
+                try:
+                    value = await model.access(addr - base, size, bool(write), value & ((1 << (8 * size)) - 1))
+                except RegisterAccessRefused as exc:
+                    self.reject("io", f"{addr:#x}: {exc}")
+                    return IO_REPLY.pack(hv.HvStatus.INVALID_PARAMETER, 0)
                 return IO_REPLY.pack(hv.HvStatus.SUCCESS, value)
         # Nothing decodes this address: reads float high, as on a real bus.
         return IO_REPLY.pack(hv.HvStatus.SUCCESS, 0 if write else (1 << (8 * size)) - 1)

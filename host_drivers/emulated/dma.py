@@ -4,10 +4,12 @@ Registers (8 bytes each, offset from 0x1000): 0x00 command (1 read, 2 write,
 3 flush), 0x08 LBA, 0x10 count (512-byte blocks, at most 2048), 0x18 buffer
 GPA (physically contiguous), 0x20 doorbell (write: run the command), 0x28
 status (bit 0 done, bit 1 error), 0x30 interrupt acknowledge (write),
-0x38 capacity in blocks (read).  A request costs seven trapped accesses
-and one interrupt, one request at a time, no interrupt suppression; the
-data moves by DMA between the image and guest RAM (checked against guest
-RAM's bounds), with no copy on the host.
+0x38 capacity in blocks (read).  Every register takes aligned 8-byte
+accesses only; any other size or alignment reads as a floating bus (all
+ones) and a write of it is ignored, so no access can raise.  A request
+costs seven trapped accesses and one interrupt, one request at a time, no
+interrupt suppression; the data moves by DMA between the image and guest
+RAM (checked against guest RAM's bounds), with no copy on the host.
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 Ports (offset from 0x1F0): 0 data (16-bit), 1 error/features, 2 sector
 count, 3-5 LBA bits 0-23, 6 device (LBA bits 24-27, 0x40 = LBA mode),
-7 status/command.  Commands: READ SECTORS (0x20), WRITE SECTORS (0x30),
+7 status/command.  The data port takes 16-bit accesses only, the other
+ports 8-bit only; any other size is refused (``RegisterAccessRefused``: the
+exit fails with INVALID_PARAMETER, the controller's state is untouched).
+Commands: READ SECTORS (0x20), WRITE SECTORS (0x30),
 FLUSH CACHE (0xE7), IDENTIFY DEVICE (0xEC).  Status bits: BSY 0x80, DRDY
 0x40, DRQ 0x08, ERR 0x01; error bits: ABRT 0x04, IDNF 0x10.  A sector
 moves as 256 word accesses of the data port: 256 exits per 512 bytes,
@@ -16,7 +19,10 @@ import struct
 import trio
 
 from host_drivers.storage.backend import DiskImage
+from vmbus.errors import RegisterAccessRefused
 
+DATA = 0
+ACCESS_SIZE = {DATA: 2, 1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1, 7: 1}  # port -> the one size it takes
 DRDY, DRQ, ERR = 0x40, 0x08, 0x01
 ABRT, IDNF = 0x04, 0x10
 READ_SECTORS, WRITE_SECTORS, FLUSH_CACHE, IDENTIFY = 0x20, 0x30, 0xE7, 0xEC
@@ -103,7 +109,11 @@ class IdePio:
         return out
 
     async def access(self, offset: int, size: int, write: bool, value: int) -> int:
-        if offset == 0:
+        takes = ACCESS_SIZE.get(offset)
+        if size != takes:
+            raise RegisterAccessRefused(f"{size}-byte access to IDE port {offset} "
+                                        + (f"(it takes {takes}-byte accesses)" if takes else "(no such port)"))
+        if offset == DATA:
             return await self._data(write, value)
         if write:
             if offset == 7:
