@@ -47,7 +47,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
     from .launch import disk_config, host_main
 
     return trio.run(host_main, args.socket, args.device, args.versions,
-                    disk_config(args.disk, args.disk_size, args.read_only), args.emulated_disks)
+                    disk_config(args.disk, args.disk_size, args.read_only), args.emulated_disks, args.group)
 
 
 def _cmd_guest(args: argparse.Namespace) -> int:
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     _disk_arguments(host)
     host.add_argument("--emulated-disks", action="store_true",
                       help="also attach an emulated IDE (PIO) and DMA controller on the disk image")
+    host.add_argument("--group", metavar="NAME",
+                      help="share the guest and admin sockets with this group (mode 0660; default: owner only)")
     host.set_defaults(func=_cmd_host)
 
     guest = sub.add_parser("guest", help="boot a guest kernel against a host and run a guest program")

@@ -95,7 +95,9 @@ def parse_size(text: str) -> int:
 
 
 async def host_main(socket_path: str, device_names: list[str] | None, versions: str | None,
-                    config: dict[str, dict[str, Any]] | None = None, emulated_disks: bool = False) -> int:
+                    config: dict[str, dict[str, Any]] | None = None, emulated_disks: bool = False,
+                    group: str | None = None) -> int:
+    from vmbus.access import HostSocketError
     from vmbus.host import HostService
     from vmbus.server import HOST_VERSIONS
 
@@ -104,11 +106,19 @@ async def host_main(socket_path: str, device_names: list[str] | None, versions: 
         if spec.needs_config and name not in (config or {}):
             raise SystemExit(f"device {name} needs its configuration (for storage: --disk PATH)")
     service = HostService(socket_path, devices.values(), versions=parse_versions(versions) or HOST_VERSIONS,
-                          device_config=config, emulated_disks=emulated_disks)
+                          device_config=config, emulated_disks=emulated_disks, group=group)
+    try:
+        service.bind()  # a socket in use, or a missing group: one line, before anything starts
+    except HostSocketError as exc:
+        raise SystemExit(f"pvbus host: {exc}") from None
     async with trio.open_nursery() as nursery:
-        await nursery.start(_until_signal, nursery.cancel_scope)
-        await nursery.start(service.run)
-        print(f"ready {socket_path}", flush=True)
+        with trio.CancelScope() as serving:  # SIGTERM/SIGINT end this; then the guests are told
+            await nursery.start(_until_signal, serving)
+            await nursery.start(service.run)
+            print(f"ready {socket_path}", flush=True)
+            await trio.sleep_forever()
+        await service.shutdown()
+        nursery.cancel_scope.cancel()
     return 0
 
 
@@ -174,7 +184,7 @@ async def run_main(program: str, argv: list[str], device_names: list[str] | None
 
 
 async def inspect_main(socket_path: str) -> int:
-    from vmbus.host import admin_request
+    from vmbus.admin import admin_request
 
     print(json.dumps(await admin_request(socket_path, {"cmd": "inspect"}), indent=2))
     return 0
