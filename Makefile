@@ -45,3 +45,26 @@ clean:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ring vmbus host_drivers guest_kernel pvbus tests
 	$(VENV)/bin/mypy
+
+# Coverage-guided fuzzing of every parser of guest input (fuzz/): each target
+# for FUZZ_SECONDS, then a summary; corpora and crashes in fuzz/work/.
+FUZZ_SECONDS ?= 600
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(PY) -m fuzz all --seconds $(FUZZ_SECONDS)
+
+# The C modules built with AddressSanitizer and UBSan in a copy of the tree
+# (build-sanitize/: the normal build and venv are untouched), and the hostile
+# and fast-path tests run against them with libasan preloaded.
+SANITIZE_DIR   := build-sanitize
+SANITIZE_TESTS ?= tests/ring/test_ring_hostile.py tests/storage/test_fastpath.py tests/bus/test_hostile.py \
+                  $(wildcard tests/hostile)
+.PHONY: sanitize
+sanitize: $(STAMP)
+	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
+	git ls-files -co --exclude-standard | while read -r f; do [ -f "$$f" ] && echo "$$f"; done \
+	  | tar -cf - -T - | tar -xf - -C $(SANITIZE_DIR)
+	cd $(SANITIZE_DIR) && PVBUS_SANITIZE=1 $(abspath $(PY)) setup.py -q build_ext --inplace
+	cd $(SANITIZE_DIR) && LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  PYTHONPATH=$$PWD $(abspath $(PY)) -m pytest -p no:cacheprovider -q $(SANITIZE_TESTS)

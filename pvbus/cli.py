@@ -24,6 +24,7 @@ Argument parsing is argparse (stdlib); output is rich.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -64,10 +65,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .launch import run_main, storage_demo
 
     if args.program is None:
-        return storage_demo(args.disk, args.disk_size)
+        return storage_demo(args.disk, args.disk_size, args.writable)
     host_args = ["--disk", args.disk] if args.disk else []
     if args.disk_size:
         host_args += ["--disk-size", args.disk_size]
+    if args.disk and os.path.lexists(args.disk) and not args.writable:
+        host_args.append("--read-only")  # the user's existing disk: written only when they say so
     return trio.run(run_main, args.program, args.args, args.device, args.ram, host_args)
 
 
@@ -190,8 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--program", help="a guest program instead of the storage demo (echo-demo, module:function)")
     run.add_argument("--device", action="append")
     run.add_argument("--ram", type=int, default=256)
-    run.add_argument("--disk", help="disk image for the storage device (default: a generated one)")
-    run.add_argument("--disk-size", help="image size (default 128M for the demo)")
+    run.add_argument("--disk", help="disk image or block device for the storage device: an existing one is used "
+                                    "as it is, read-only unless --writable; a missing one is created at "
+                                    "--disk-size (default: a temporary image, removed after)")
+    run.add_argument("--disk-size", help="size of an image to create (default 128M for the demo); "
+                                         "an existing image is never resized")
+    run.add_argument("--writable", action="store_true",
+                     help="let the guest (and the demo's write workloads) write to an existing --disk")
     run.add_argument("args", nargs="*")
     run.set_defaults(func=_cmd_run)
 

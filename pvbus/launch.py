@@ -190,18 +190,57 @@ async def inspect_main(socket_path: str) -> int:
     return 0
 
 
-def storage_demo(image: str | None, size: str | None) -> int:
-    """``pvbus run`` with no program: a host with a generated disk image and a
-    guest that boots, finds the disk and runs a short sequential and random
-    workload, shown beside the same workload run natively on the host."""
+def storage_demo(image: str | None, size: str | None, writable: bool = False) -> int:
+    """``pvbus run`` with no program: a host with a disk image and a guest
+    that boots, finds the disk and runs a short sequential and random
+    workload, shown beside the same workload run natively on the host.
+
+    The demo writes only what it created or was allowed to write: with no
+    ``image`` it lays out a temporary one (removed after); a path that does
+    not exist becomes a new image of ``size`` (kept); an existing file or
+    block device is the user's disk, used as it is (never re-laid or
+    resized), read-only with only the read workloads unless ``writable``."""
+    import stat
+
     from .bench import blockbench
     from .bench.blockload import Workload
+    from .errors import UsageError
 
-    workloads = [Workload(w.rw, w.bs, w.iodepth, parse_size(size) if size else 128 << 20, w.runtime, w.ramp)
-                 for w in blockbench.DEMO]
+    region = (parse_size(size) if size else 128 << 20) >> 20 << 20  # whole MiB: every block size divides it
+    read_only = False
+    if image is not None and os.path.lexists(image):
+        if size:
+            raise UsageError(f"--disk-size is for a new image; {image} exists and is never resized (drop --disk-size)")
+        try:
+            mode = os.stat(image).st_mode
+            have = blockbench.disk_size(image) if stat.S_ISREG(mode) or stat.S_ISBLK(mode) else -1
+        except OSError as exc:
+            raise UsageError(f"cannot open the disk {image}: {exc.strerror}") from None
+        if have < 0:
+            raise UsageError(f"{image} is neither a disk image file nor a block device")
+        region = min(region, have) >> 20 << 20
+        if not region:
+            raise UsageError(f"{image} holds {have} bytes; the demo needs a disk of at least 1 MiB")
+        read_only = not writable
+        if read_only:
+            print(f"pvbus run: using {image} read-only, as it is: only the read workloads run "
+                  f"(--writable lets the write workloads overwrite its first {region >> 20} MiB)", file=sys.stderr)
+        else:
+            print(f"pvbus run: using {image} writable: the write workloads overwrite its first "
+                  f"{region >> 20} MiB with random data", file=sys.stderr)
+    elif not region:
+        raise UsageError(f"--disk-size {size} is under the demo's smallest disk, 1 MiB")
+    elif image is not None:
+        try:
+            blockbench.lay_out(image, region)  # a new image, made here (exclusive creation), kept after
+        except OSError as exc:
+            raise UsageError(f"cannot create the disk image {image}: {exc.strerror}") from None
+        print(f"pvbus run: created {image} ({region >> 20} MiB of random data)", file=sys.stderr)
+    workloads = [Workload(w.rw, w.bs, w.iodepth, region, w.runtime, w.ramp)
+                 for w in blockbench.DEMO if not (read_only and w.write)]
     from rich.console import Console
 
     with Console(stderr=True).status("starting") as status:
-        result = blockbench.run(workloads, progress=status.update, image=image)
+        result = blockbench.run(workloads, progress=status.update, image=image, read_only=read_only)
     blockbench.render_demo(result)
     return 0
