@@ -38,7 +38,7 @@ from vmbus.protocols import storvsc as S
 
 from . import scsi
 from .backend import DiskImage
-from .fastpath import DEFAULT_POLL_US, FastPath
+from .fastpath import DEFAULT_POLL_US, FastPath, NoQueueThread
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TRANSFER = 1 << 20
@@ -91,7 +91,11 @@ class StorvspHost(HostDevice):
     def _fast_path(self, channel: Channel, memory: GuestMemory) -> FastPath | None:
         if not self.use_fast_path or channel.event_fd is None or not hasattr(channel.incoming, "c_address"):
             return None
-        return FastPath(channel, memory, self.disk, self.max_transfer, self.poll_us)
+        try:
+            return FastPath(channel, memory, self.disk, self.max_transfer, self.poll_us)
+        except NoQueueThread as exc:
+            log.warning("storvsp: channel %d served in Python: %s", channel.relid, exc)
+            return None
 
     async def _serve_batch(self, channel: Channel, memory: GuestMemory, initialised: bool, limit: int) -> bool:
         """Take up to ``limit`` requests and answer them in Python; returns

@@ -13,11 +13,22 @@ operation keeps one implementation.
 Stopping: a cancelled ``run`` sets ``stop`` and rings ``stop_fd``; the
 thread sees one or the other within one batch, and ``run`` waits for it
 (the thread must be gone before guest RAM may be unmapped).
+
+Threads: each queue's thread sits in C for as long as the channel is open,
+idle or not, so it must not take a token of trio's shared thread limiter
+(40 tokens: ten idle four-queue guests would hold them all, and every
+other ``to_thread`` call in the host, an eleventh guest's boot included,
+would wait).  Each queue has a limiter of its own, and ``QUEUE_THREADS``
+caps the queues served this way across the host; a channel opened beyond
+the cap is served by the Python path (which holds a shared token only
+while a batch runs), with one log line.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from typing import Any
 
 import trio
@@ -28,7 +39,34 @@ from vmbus.guest_memory import GuestMemory
 from ._storvsp_c import ffi, lib
 from .backend import DiskImage
 
+log = logging.getLogger(__name__)
 DEFAULT_POLL_US = 200
+QUEUE_THREADS = 512  # fast-path queues (one thread each) across the host
+
+_queues_lock = threading.Lock()
+_queues = 0
+
+
+class NoQueueThread(Exception):
+    """The host already serves ``QUEUE_THREADS`` queues in C."""
+
+
+def _take_queue_slot() -> None:
+    global _queues
+    with _queues_lock:
+        if _queues >= QUEUE_THREADS:
+            raise NoQueueThread(f"{QUEUE_THREADS} storage queues already have a thread of their own")
+        _queues += 1
+
+
+def _give_queue_slot() -> None:
+    global _queues
+    with _queues_lock:
+        _queues -= 1
+
+
+def queue_threads_in_use() -> int:
+    return _queues
 
 
 class FastPath:
@@ -38,6 +76,7 @@ class FastPath:
                  poll_us: int = DEFAULT_POLL_US) -> None:
         if channel.event_fd is None:
             raise ValueError("the channel has no event fd to serve from a thread")
+        self._limiter = trio.CapacityLimiter(1)  # this queue's own: no shared token held while it idles
         self.channel = channel
         q = self.q = ffi.new("storvsp_queue *")
         q.inbound = ffi.cast("pv_ring *", channel.incoming.c_address)  # type: ignore[attr-defined]
@@ -53,11 +92,18 @@ class FastPath:
         self._kick = os.dup(channel.event_fd)  # ours: the bus may close its fd while we poll
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         q.kick_fd, q.stop_fd = self._kick, self._stop
+        try:
+            _take_queue_slot()
+        except NoQueueThread:
+            os.close(self._kick)
+            os.close(self._stop)
+            raise
         self._seen = (0, 0)
 
     def close(self) -> None:
         os.close(self._kick)
         os.close(self._stop)
+        _give_queue_slot()
 
     def _serve(self) -> int:
         """Worker thread: serve until a request needs Python or we are stopped."""
@@ -98,7 +144,7 @@ class FastPath:
                 nursery.start_soon(stop_when_cancelled)
                 # Not abandoned on cancel: the thread touches guest RAM and
                 # must have returned before anyone may unmap it.
-                rc: Any = await trio.to_thread.run_sync(self._serve)
+                rc: Any = await trio.to_thread.run_sync(self._serve, limiter=self._limiter)
                 nursery.cancel_scope.cancel()
         finally:
             self._account()
