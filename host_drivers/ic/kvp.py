@@ -5,8 +5,9 @@ each pool: the values it set and those it read back.  ``set``/``delete``
 change a pool in the guest (the EXTERNAL pool is where a host leaves values
 for guest programs); ``get``/``enumerate`` read the guest's pools (the GUEST
 pool is where the guest publishes its host name, OS and addresses).  After
-negotiation, and every ``refresh`` seconds (config, default 10 s), the host
-enumerates the GUEST pool.
+negotiation the host sets the EXTERNAL values in its config (``values``:
+key -> value), then enumerates the GUEST pool, again every ``refresh``
+seconds (config, default 10 s).
 
 Keys and values are strings, sent as UTF-16 with their NUL within 512 and
 2048 bytes (ic-reference.md section 7.2): a longer one is refused before
@@ -48,8 +49,18 @@ class KvpHost(IcHost):
         super().__init__(config)
         self.refresh = positive_seconds(config, "refresh", 10.0)
         self.pools: dict[int, dict[str, str]] = {int(p): {} for p in ic.EXCHANGED_POOLS}
+        self.initial = dict(config.get("values", {}))
+        for key, value in self.initial.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ValueError("kvp values must map strings to strings")
+            ic.encode_kvp(ic.KvpOp.SET, ic.Pool.EXTERNAL, key=key, value=value)  # ValueError past the limits
 
     async def run(self) -> None:
+        for key, value in self.initial.items():
+            try:
+                await self.set(ic.Pool.EXTERNAL, key, value)
+            except IcError:
+                pass  # counted; the admin socket can set it again
         while True:
             try:
                 await self.enumerate(ic.Pool.GUEST)
