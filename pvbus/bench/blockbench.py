@@ -149,15 +149,15 @@ def evaluate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if pv and nat:
         r = pv["mb_per_s"] / nat["mb_per_s"]
         out.append({"target": "seq 1 MiB read QD4 >= 0.9x native MB/s", "ratio": r, "met": r >= 0.9,
-                    "detail": f"{pv['mb_per_s']:,.0f} vs {nat['mb_per_s']:,.0f} MB/s"})
+                    "detail": f"{num(pv['mb_per_s'])} vs {num(nat['mb_per_s'])} MB/s"})
     pv = find_record(records, "paravirt", "randread", 4096, 32)
     nat = find_record(records, "native", "randread", 4096, 32)
     if pv and nat:
         r = pv["iops"] / nat["iops"]
         out.append({"target": "rand 4 KiB read QD32 >= 0.5x native IOPS", "ratio": r, "met": r >= 0.5,
-                    "detail": f"{pv['iops']:,.0f} vs {nat['iops']:,.0f} IOPS"})
+                    "detail": f"{num(pv['iops'])} vs {num(nat['iops'])} IOPS"})
         out.append({"target": "<= 0.05 exits per I/O at QD32", "ratio": pv["exits_per_io"],
-                    "met": pv["exits_per_io"] <= 0.05, "detail": f"{pv['exits_per_io']:.4f}"})
+                    "met": pv["exits_per_io"] <= 0.05, "detail": num(pv["exits_per_io"])})
     return out
 
 

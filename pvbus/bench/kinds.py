@@ -24,6 +24,7 @@ from typing import Any
 from . import blockbench
 from .blockbench import find_record, render
 from .blockload import Workload
+from .tables import num
 
 MODES = ("native", "paravirt", "fullvirt", "emulated")
 SIZE = 64 << 20
@@ -47,19 +48,19 @@ def evaluate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if pv and em:
         r = pv["mb_per_s"] / max(em["mb_per_s"], 1e-12)
         out.append({"target": "paravirt / emulated >= 50x, 1 MiB seq read", "ratio": r, "met": r >= 50,
-                    "detail": f"{pv['mb_per_s']:,.1f} vs {em['mb_per_s']:,.4f} MB/s"})
+                    "detail": f"{num(pv['mb_per_s'])} vs {num(em['mb_per_s'])} MB/s"})
     pv = find_record(records, "paravirt", "randread", 4096, 32)
     fv = find_record(records, "fullvirt", "randread", 4096, 32)
     if pv and fv:
         r = pv["iops"] / max(fv["iops"], 1e-12)
         out.append({"target": "paravirt / fullvirt >= 2x, 4 KiB rand read QD32", "ratio": r, "met": r >= 2,
-                    "detail": f"{pv['iops']:,.0f} vs {fv['iops']:,.0f} IOPS"})
+                    "detail": f"{num(pv['iops'])} vs {num(fv['iops'])} IOPS"})
     em = find_record(records, "emulated", "randread", 4096, 32)
     if pv and fv and em:
         ordered = em["exits_per_io"] > fv["exits_per_io"] > pv["exits_per_io"]
         out.append({"target": "exits/IO emulated > fullvirt > paravirt, paravirt < 0.05 (QD32)",
                     "ratio": pv["exits_per_io"], "met": ordered and pv["exits_per_io"] < 0.05,
-                    "detail": f"{em['exits_per_io']:,.0f} > {fv['exits_per_io']:.1f} > {pv['exits_per_io']:.3f}"})
+                    "detail": f"{num(em['exits_per_io'])} > {num(fv['exits_per_io'])} > {num(pv['exits_per_io'])}"})
     return out
 
 

@@ -207,8 +207,8 @@ def evaluate_targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if best_peer and ring_64b:
         ratio = ring_64b["msgs_per_s"] / best_peer["msgs_per_s"]
         targets.append({"target": "64 B batched msgs/s >= 10x best peer", "ratio": ratio, "met": ratio >= 10,
-                        "detail": f"ring {ring_64b['msgs_per_s']:.3g}/s vs {best_peer['transport']} "
-                                  f"{best_peer['mode']} {best_peer['msgs_per_s']:.3g}/s"})
+                        "detail": f"ring {num(ring_64b['msgs_per_s'])}/s vs {best_peer['transport']} "
+                                  f"{best_peer['mode']} {num(best_peer['msgs_per_s'])}/s"})
     pipe_64k = max((r for r in records if r["transport"] == "os.pipe" and r["payload_bytes"] == 65536),
                    key=lambda r: r["mb_per_s"], default=None)
     ring_64k = max((r for r in records if r["transport"] == "pvbus.ring" and r["payload_bytes"] == 65536),
@@ -216,8 +216,8 @@ def evaluate_targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if pipe_64k and ring_64k:
         ratio = ring_64k["mb_per_s"] / pipe_64k["mb_per_s"]
         targets.append({"target": "64 KiB MB/s >= 1.5x raw pipe", "ratio": ratio, "met": ratio >= 1.5,
-                        "detail": f"ring {ring_64k['mode']} {ring_64k['mb_per_s']:.0f} MB/s vs pipe "
-                                  f"{pipe_64k['mb_per_s']:.0f} MB/s"})
+                        "detail": f"ring {ring_64k['mode']} {num(ring_64k['mb_per_s'])} MB/s vs pipe "
+                                  f"{num(pipe_64k['mb_per_s'])} MB/s"})
     for ring_mode, peer, limit, name in (
         ("polling/single", "os.pipe", 0.5, "polling RTT p50 <= 0.5x raw pipe"),
         ("interrupt/single", "multiprocessing.Pipe", 1.0, "interrupt RTT p50 <= multiprocessing.Pipe"),
@@ -226,12 +226,12 @@ def evaluate_targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if ring_rtt and peer_rtt:
             ratio = ring_rtt["rtt_p50_us"] / peer_rtt["rtt_p50_us"]
             targets.append({"target": name, "ratio": ratio, "met": ratio <= limit,
-                            "detail": f"{ring_rtt['rtt_p50_us']:.2f} us vs {peer_rtt['rtt_p50_us']:.2f} us"})
+                            "detail": f"{num(ring_rtt['rtt_p50_us'])} us vs {num(peer_rtt['rtt_p50_us'])} us"})
     batched = [r for r in records if r["transport"] == "pvbus.ring" and r["mode"] == "interrupt/batched"]
     if batched:
         worst = max(r["signals_per_msg"] for r in batched)
         targets.append({"target": "<= 0.01 signals per message, interrupt/batched", "ratio": worst,
-                        "met": worst <= 0.01, "detail": f"worst over payload sizes: {worst:.5f}"})
+                        "met": worst <= 0.01, "detail": f"worst over payload sizes: {num(worst)}"})
     return targets
 
 
