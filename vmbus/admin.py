@@ -9,6 +9,9 @@ object line back, and the host closes the connection.  Requests:
 ``{"cmd": "rescind", "partition": P, "relid": R}``     hot-remove one channel of one guest
 ``{"cmd": "wait", "partitions": N, "timeout": S}``     answer once exactly N guests are
                                                        connected (``timeout`` optional, 30 s)
+``{"cmd": "device", "partition": P, "device": D,``     run command C of device D of one guest
+``"command": C, "args": {...}}``                       (``pvbus shutdown``, ``pvbus kvp``); ``args``
+                                                       optional, a flat object the device checks
 ====================================================  =====================================
 
 Answers are ``{"ok": true, ...}`` or ``{"ok": false, "error": "<one line>"}``.
@@ -61,6 +64,7 @@ MAX_WAIT = 600.0
 MAX_PARTITION_ID = (1 << 31) - 1
 MAX_RELID = 0xFFF  # a relid is the low 12 bits of its connection id
 MAX_PARTITIONS = 1 << 16
+MAX_NAME = 64  # a device or device command name
 
 
 class AdminError(ValueError):
@@ -84,7 +88,15 @@ class Wait:
     timeout: float = DEFAULT_WAIT
 
 
-AdminRequest = Inspect | Rescind | Wait
+@dataclass(frozen=True)
+class DeviceCommand:
+    partition: int
+    device: str
+    command: str
+    args: dict[str, Any]
+
+
+AdminRequest = Inspect | Rescind | Wait | DeviceCommand
 
 
 class AdminHost(Protocol):
@@ -96,6 +108,9 @@ class AdminHost(Protocol):
         """Hot-remove a channel; ``AdminError`` when the partition or relid is unknown."""
 
     async def wait_partitions(self, count: int, timeout: float) -> dict[str, Any]: ...
+
+    async def device_command(self, partition: int, device: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        """A device's own command (``HostDevice.admin``); ``AdminError`` when it refuses."""
 
 
 # -- parsing -------------------------------------------------------------------
@@ -130,10 +145,26 @@ def _seconds(fields: dict[str, Any], key: str, default: float, high: float) -> f
     return float(value)
 
 
+def _name(fields: dict[str, Any], key: str) -> str:
+    value = fields.get(key)
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME \
+            or not all(c.isascii() and (c.isalnum() or c in "_-") for c in value):
+        raise AdminError(f"{key!r} must be a name of 1 to {MAX_NAME} letters, digits, '_' or '-'")
+    return value
+
+
+def _flat_object(fields: dict[str, Any], key: str) -> dict[str, Any]:
+    value = fields.get(key, {})
+    if not isinstance(value, dict) or not all(type(v) in (str, int, bool) for v in value.values()):
+        raise AdminError(f"{key!r} must be an object of strings, integers and booleans")
+    return value
+
+
 _FIELDS: dict[str, frozenset[str]] = {
     "inspect": frozenset({"cmd"}),
     "rescind": frozenset({"cmd", "partition", "relid"}),
     "wait": frozenset({"cmd", "partitions", "timeout"}),
+    "device": frozenset({"cmd", "partition", "device", "command", "args"}),
 }
 
 
@@ -164,6 +195,9 @@ def parse_request(line: bytes) -> AdminRequest:
         return Inspect()
     if cmd == "rescind":
         return Rescind(_integer(fields, "partition", 1, MAX_PARTITION_ID), _integer(fields, "relid", 1, MAX_RELID))
+    if cmd == "device":
+        return DeviceCommand(_integer(fields, "partition", 1, MAX_PARTITION_ID), _name(fields, "device"),
+                             _name(fields, "command"), _flat_object(fields, "args"))
     return Wait(_integer(fields, "partitions", 0, MAX_PARTITIONS), _seconds(fields, "timeout", DEFAULT_WAIT, MAX_WAIT))
 
 
@@ -182,6 +216,9 @@ async def dispatch(request: AdminRequest, host: AdminHost) -> dict[str, Any]:
         if isinstance(request, Rescind):
             host.rescind(request.partition, request.relid)
             return {"ok": True}
+        if isinstance(request, DeviceCommand):
+            return {"ok": True, **await host.device_command(request.partition, request.device, request.command,
+                                                            request.args)}
         return await host.wait_partitions(request.partitions, request.timeout)
     except AdminError as exc:
         return _error(str(exc))

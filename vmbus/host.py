@@ -38,7 +38,7 @@ from . import hv
 from .access import Access, Listener, listen_unix
 from .admin import AdminError, admin_request
 from .admin import serve as serve_admin
-from .device import DeviceSpec
+from .device import DeviceCommandError, DeviceSpec
 from .guest_memory import GuestMemory, GuestMemoryError
 from .hypervisor import Partition
 from .server import HOST_VERSIONS, Refused, VmbusServer
@@ -247,6 +247,21 @@ class HostService:
             entry[1].rescind(relid)
         except Refused as exc:
             raise AdminError(f"partition {partition}: {exc}") from None
+
+    async def device_command(self, partition: int, device: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Run ``command`` of ``device`` for one guest (admin ``device``): the
+        bus only finds the device's host half; the device checks the rest."""
+        entry = self.partitions.get(partition)
+        if entry is None:
+            raise AdminError(f"no partition {partition}")
+        found = next((ch.device for ch in entry[1].channels.values() if ch.spec.name == device and not ch.sub_index),
+                     None)
+        if found is None:
+            raise AdminError(f"partition {partition} has no device {device!r}")
+        try:
+            return await found.admin(command, args)
+        except DeviceCommandError as exc:
+            raise AdminError(f"partition {partition}, {device}: {exc}") from None
 
     def inspect(self) -> dict[str, Any]:
         import psutil

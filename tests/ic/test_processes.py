@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bus.harness import HostProcess, guest_command
+from vmbus.protocols import ic
 
 GUEST_PROGRAMS = '''
 """Guest programs for the IC process tests: each prints JSON lines."""
@@ -157,3 +158,43 @@ def test_kvp_round_trip_between_host_and_guest(tmp_path: Path) -> None:
         # guest -> host: the host's copy of the guest pool holds everything the guest published
         state = eventually(host, "kvp", lambda s: s["pools"]["guest"] == len(got["guest"]))
         assert state["pools"]["external"] == 1
+
+
+def partition_of(host: HostProcess) -> int:
+    (part,) = host.inspect()["partitions"]
+    return int(part["id"])
+
+
+def test_shutdown_through_the_admin_socket_cancels_the_program_and_exits_0(tmp_path: Path) -> None:
+    with ic_host(tmp_path, {}) as host, guest(host, tmp_path, "wait_to_be_stopped") as proc:
+        assert line(proc) == {"booted": True}
+        eventually(host, "shutdown", lambda s: s["state"] == "ready")
+        request = {"cmd": "device", "partition": partition_of(host), "device": "shutdown", "command": "shutdown",
+                   "args": {"reboot": True, "force": False}}
+        assert host.admin(request) == {"ok": True, "action": "reboot", "force": False}
+        got = line(proc)
+        assert got["cancelled"] is True and got["request"]["flags"] == ic.SHUTDOWN_RESTART
+        assert proc.wait(timeout=30) == 0
+        assert host.admin({"cmd": "wait", "partitions": 0})["ok"]  # it released everything and left
+
+
+def test_kvp_commands_through_the_admin_socket(tmp_path: Path) -> None:
+    config = {"kvp": {"values": {"role": "cache"}}}
+    with ic_host(tmp_path, config) as host, guest(host, tmp_path, "kvp_exchange") as proc:
+        assert line(proc)["role"] == "cache"
+        part = partition_of(host)
+
+        def kvp(command: str, **args: Any) -> dict[str, Any]:
+            return host.admin({"cmd": "device", "partition": part, "device": "kvp", "command": command, "args": args})
+
+        assert kvp("get", key="answer") == {"ok": True, "key": "answer", "value": "CACHE"}
+        listed = kvp("list", pool="guest")
+        assert listed["ok"] and listed["items"]["answer"] == "CACHE" and "OSName" in listed["items"]
+        assert kvp("set", pool="external", key="later", value="x") == {"ok": True, "key": "later"}
+        assert kvp("get", pool="external", key="later")["value"] == "x"
+        too_long = kvp("set", key="k" * 256, value="v")
+        assert not too_long["ok"] and "at most 512" in too_long["error"]
+        assert not kvp("get", key="nothing")["ok"]
+        assert not host.admin({"cmd": "device", "partition": part, "device": "kvp", "command": "get",
+                               "args": {"key": ["nested"]}})["ok"]
+        assert not host.admin({"cmd": "device", "partition": part, "device": "nope", "command": "get"})["ok"]
