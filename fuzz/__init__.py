@@ -25,4 +25,5 @@ TARGETS = (
     "storvsp",
     "storvsp_fast",
     "emulated",
+    "admin",
 )

@@ -295,11 +295,11 @@ class Script:
         return bytes(self.out)
 
 
-def run(async_fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+def run(async_fn: Callable[..., Awaitable[None]], *args: Any, clock: trio.abc.Clock | None = None) -> None:
     """``trio.run``, with a lone exception out of nurseries raised as itself
     (so a finding's report shows the host's own traceback)."""
     try:
-        trio.run(async_fn, *args)
+        trio.run(async_fn, *args, clock=clock)
     except BaseExceptionGroup as group:
         leaves = _leaves(group)
         if len(leaves) == 1:
