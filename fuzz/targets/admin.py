@@ -21,10 +21,10 @@ from pathlib import Path
 
 import trio.testing
 
+from fuzz.rig import Input, Script, check, run
 from pvbus.devices import ECHO
 from vmbus import admin as A
 from vmbus.host import HostService
-from fuzz.rig import Input, Script, check, run
 
 KEYS = ("cmd", "partition", "partitions", "relid", "timeout", "x", "")
 COMMANDS = ("inspect", "rescind", "wait", "Inspect", "", "inspect ")

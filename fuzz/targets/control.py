@@ -24,11 +24,11 @@ import trio
 
 import host_drivers.echo  # noqa: F401 - imported here so it is instrumented
 import host_drivers.storage.device  # noqa: F401
+from fuzz.rig import Input, Machine, ScratchDisk, Script, check, no_fd_left_open, run
 from pvbus.devices import ECHO, STORAGE
 from vmbus import hv
 from vmbus import protocol as P
 from vmbus import server as S
-from fuzz.rig import Input, Machine, ScratchDisk, Script, check, run, no_fd_left_open
 
 TYPES = sorted(P.MESSAGES)
 CONN_IDS = (hv.VMBUS_MESSAGE_CONNECTION_ID, hv.VMBUS_MESSAGE_CONNECTION_ID_4, 0x2001, 0x2002)
@@ -124,7 +124,7 @@ def seeds() -> list[bytes]:
     out = []
     for n in (1, 2, len(script)):
         s = Script()
-        for i, m in enumerate(script[:n]):
+        for m in script[:n]:
             write_message(s, hv.VMBUS_MESSAGE_CONNECTION_ID_4, m)  # 4 before and after contact at 5.x
         out.append(s.data())
     s = Script()

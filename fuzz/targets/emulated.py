@@ -17,15 +17,12 @@ IDE WRITE SECTORS or a DMA write the guest started.
 
 from __future__ import annotations
 
-import trio
-
-from host_drivers.emulated import DMA_BASE, DMA_REGS, IDE_BASE, IDE_PORTS
-from host_drivers.emulated import dma, ide
+from fuzz.rig import Input, Machine, ScratchDisk, Script, changed_ranges, check, inside, no_fd_left_open, run
+from fuzz.targets.hypercall import synic_areas
+from host_drivers.emulated import DMA_BASE, DMA_REGS, IDE_BASE, IDE_PORTS, dma, ide
 from host_drivers.storage.backend import DiskImage
 from vmbus.guest_memory import PAGE_SIZE
 from vmbus.transport import IO_BODY, IO_REPLY, KIND, ExitKind
-from fuzz.rig import Input, Machine, ScratchDisk, Script, changed_ranges, check, inside, no_fd_left_open, run
-from fuzz.targets.hypercall import synic_areas
 
 RAM_PAGES = 32
 DISK = ScratchDisk(64 << 10)

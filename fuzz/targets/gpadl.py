@@ -21,13 +21,13 @@ import trio
 import trio.testing
 
 import host_drivers.echo  # noqa: F401 - imported here so it is instrumented
+from fuzz.rig import Input, Machine, Script, changed_ranges, check, inside, no_fd_left_open, run
+from fuzz.targets.control import check_server
+from fuzz.targets.hypercall import synic_areas
 from pvbus.devices import ECHO
 from vmbus import hv
 from vmbus import protocol as P
 from vmbus.guest_memory import PAGE_SIZE
-from fuzz.rig import Input, Machine, Script, changed_ranges, check, inside, run, no_fd_left_open
-from fuzz.targets.control import check_server
-from fuzz.targets.hypercall import synic_areas
 
 RAM_PAGES = 64
 CONN = hv.VMBUS_MESSAGE_CONNECTION_ID_4

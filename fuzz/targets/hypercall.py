@@ -21,13 +21,13 @@ import struct
 import trio
 
 import host_drivers.echo  # noqa: F401 - imported here so it is instrumented
+from fuzz.rig import Input, Machine, Script, changed_ranges, check, inside, no_fd_left_open, run
 from pvbus.devices import ECHO
 from vmbus import hv
 from vmbus import protocol as P
 from vmbus.guest_memory import PAGE_SIZE
 from vmbus.hypervisor import FLAGS_OFFSET, SLOT_OFFSET
 from vmbus.transport import CONTROL_WORD, IO_BODY, KIND, MAX_DATAGRAM, WRMSR_BODY, ExitKind
-from fuzz.rig import Input, Machine, Script, changed_ranges, check, inside, run, no_fd_left_open
 
 RAM_PAGES = 16
 MSRS = (hv.HV_X64_MSR_SIMP, hv.HV_X64_MSR_SIEFP, hv.HV_X64_MSR_EOM)

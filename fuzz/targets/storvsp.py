@@ -26,13 +26,13 @@ from dataclasses import dataclass
 
 import trio
 
+from fuzz.rig import Input, Machine, ScratchDisk, Script, changed_ranges, check, inside, no_fd_left_open, run
 from host_drivers.storage.device import StorvspHost
 from ring import IncomingRing, OutgoingRing, PacketType, RingError, RingFull
 from ring._layout import GPA_DIRECT_HEADER, GPA_RANGE_HEAD
 from vmbus.channel import Channel
 from vmbus.guest_memory import PAGE_SIZE
 from vmbus.protocols import storvsc as S
-from fuzz.rig import Input, Machine, ScratchDisk, Script, changed_ranges, check, inside, run, no_fd_left_open
 
 RING = 4096 + (16 << 10)  # each direction: control page and 16 KiB of data
 DATA_PFN = 2 * RING // PAGE_SIZE
@@ -45,7 +45,8 @@ OPCODES = tuple(S.Opcode)
 PACKET_TYPES = (PacketType.DATA_USING_GPA_DIRECT, PacketType.DATA_INBAND, PacketType.COMPLETION)
 WRITES = (S.Opcode.WRITE_6, S.Opcode.WRITE_10, S.Opcode.WRITE_16)
 NT_STATUSES = frozenset(int(s) for s in S.NtStatus)
-SRB_STATUSES = frozenset({S.SrbStatus.SUCCESS, S.SrbStatus.ERROR | S.SrbStatus.AUTOSENSE_VALID, S.SrbStatus.INVALID_LUN})
+SRB_STATUSES = frozenset({S.SrbStatus.SUCCESS, S.SrbStatus.ERROR | S.SrbStatus.AUTOSENSE_VALID,
+                          S.SrbStatus.INVALID_LUN})
 
 
 @dataclass
@@ -152,7 +153,8 @@ def check_completions(sent: list[Request], completions: list[tuple[int, int, byt
         check(ptype == PacketType.COMPLETION and len(payload) >= S.PACKET_SIZE, "completion is not a vstor packet")
         operation, _, status = struct.unpack_from("<III", payload)
         check(operation == S.Operation.COMPLETE_IO and status in NT_STATUSES, f"completion {operation}/{status:#x}")
-        if status or len(r.payload) < S.PACKET_SIZE or struct.unpack_from("<I", r.payload)[0] != S.Operation.EXECUTE_SRB:
+        is_srb = len(r.payload) >= S.PACKET_SIZE and struct.unpack_from("<I", r.payload)[0] == S.Operation.EXECUTE_SRB
+        if status or not is_srb:
             continue
         srb = S.SCSI_REQUEST.unpack_from(payload, 12)
         asked = S.SCSI_REQUEST.unpack_from(r.payload, 12)[11]

@@ -22,14 +22,14 @@ from __future__ import annotations
 import os
 import struct
 
+from fuzz.rig import GuestRam, Input, changed_ranges, check, inside, no_fd_left_open
+from fuzz.targets import storvsp
+from fuzz.targets.storvsp import DATA_PFN, DISK, MAX_PACKETS, MAX_TRANSFER, RAM_PAGES, RING, Request
 from host_drivers.storage._storvsp_c import ffi, lib
 from host_drivers.storage.backend import DiskImage
 from ring import IncomingRing, OutgoingRing, PacketType
 from vmbus.guest_memory import PAGE_SIZE
 from vmbus.protocols import storvsc as S
-from fuzz.rig import GuestRam, Input, changed_ranges, check, inside, no_fd_left_open
-from fuzz.targets import storvsp
-from fuzz.targets.storvsp import DATA_PFN, DISK, MAX_PACKETS, MAX_TRANSFER, RAM_PAGES, RING, Request
 
 BLOCK = 512
 MAX_IOV = 260  # csrc/storvsp_fast.c
@@ -84,7 +84,7 @@ def regular(r: Request, blocks_on_disk: int, read_only: bool = False) -> tuple[b
     pfns = struct.unpack_from(f"<{needed}Q", r.header, 16)
     if any(p >= RAM_PAGES for p in pfns):
         return no
-    runs = 1 + sum(1 for a, b in zip(pfns, pfns[1:]) if b != a + 1)
+    runs = 1 + sum(1 for a, b in zip(pfns, pfns[1:], strict=False) if b != a + 1)
     if runs > MAX_IOV:
         return no
     spans, left, first = [], transfer, offset
