@@ -6,10 +6,17 @@ it); SIGTERM or SIGINT stop it cleanly.  ``guest`` boots a guest kernel
 against a host, runs a guest program and shuts down, exiting with the
 program's status.  ``run`` starts both as a pair and returns the guest
 program's status.
+
+Whatever a user can get wrong is checked before anything starts (sizes,
+versions, the program, the socket's directory, the disk: a host says
+``ready`` only once it could serve a guest), and every failure becomes one
+``CommandError`` line: a missing or stale socket, a host that refuses our
+versions or goes away, a program that fails.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,18 +31,44 @@ import trio
 from vmbus import protocol as P
 from vmbus.device import load_devices
 
+from .errors import CommandError, UsageError, describe, leaves
+
 log = logging.getLogger("pvbus")
+MIN_RAM_MIB = 8  # the rings of every shipped device, the SynIC pages and I/O buffers, with room
+
+
+def _version_name(version: int) -> str:
+    return f"{version >> 16}.{version & 0xFFFF}"
 
 
 def parse_versions(text: str | None) -> tuple[int, ...] | None:
-    """``5.3,5.2,4.0`` -> protocol version numbers (major << 16 | minor)."""
+    """``5.3,5.2,4.0`` -> protocol version numbers (major << 16 | minor);
+    ValueError, in words, for anything but known VMBus versions."""
     if not text:
         return None
+    known = {_version_name(v): int(v) for v in P.Version}
     out = []
     for item in text.split(","):
-        major, minor = item.strip().split(".")
-        out.append((int(major) << 16) | int(minor))
+        if item.strip() not in known:
+            raise ValueError(f"{item.strip()!r} is not a VMBus version; known: {', '.join(known)} "
+                             "(give a comma-separated list, e.g. 5.3,4.0)")
+        out.append(known[item.strip()])
     return tuple(out)
+
+
+def ram_limit_mib() -> int:
+    """The most guest RAM a guest may ask for: this machine's memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+
+
+def check_ram(mib: int) -> int:
+    """Guest RAM in MiB, refused (ValueError, in words) outside what a guest
+    can boot with and this machine can back."""
+    if mib < MIN_RAM_MIB:
+        raise ValueError(f"{mib} MiB of guest RAM is too little: the minimum is {MIN_RAM_MIB} MiB")
+    if mib > ram_limit_mib():
+        raise ValueError(f"{mib:,} MiB of guest RAM is more than this machine's {ram_limit_mib():,} MiB of memory")
+    return mib
 
 
 def _select_devices(names: list[str] | None, config: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -45,7 +78,7 @@ def _select_devices(names: list[str] | None, config: dict[str, dict[str, Any]] |
         return {n: d for n, d in devices.items() if not d.needs_config or n in (config or {})}
     missing = [n for n in names if n not in devices]
     if missing:
-        raise SystemExit(f"unknown device(s) {', '.join(missing)}; installed: {', '.join(sorted(devices))}")
+        raise UsageError(f"unknown device(s) {', '.join(missing)}; installed: {', '.join(sorted(devices))}")
     return {n: devices[n] for n in names}
 
 
@@ -86,12 +119,18 @@ def disk_config(path: str | None, size: str | None, read_only: bool) -> dict[str
 
 
 def parse_size(text: str) -> int:
-    """``4k``, ``64KiB``, ``1M``, ``2G`` or plain bytes."""
+    """``4k``, ``64KiB``, ``1M``, ``2G`` or plain bytes; ValueError, in
+    words, for anything else or a size below one byte."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t[-1:] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+    scale = units.get(t[-1:], 1)
+    try:
+        size = int(float(t[:-1] if t[-1:] in units else t) * scale)
+    except (ValueError, OverflowError):
+        size = 0
+    if size < 1:
+        raise ValueError(f"{text!r} is not a size: give bytes, or a number with k, M, G or T (e.g. 128M)")
+    return size
 
 
 async def host_main(socket_path: str, device_names: list[str] | None, versions: str | None,
@@ -104,22 +143,71 @@ async def host_main(socket_path: str, device_names: list[str] | None, versions: 
     devices = _select_devices(device_names, config)
     for name, spec in devices.items():
         if spec.needs_config and name not in (config or {}):
-            raise SystemExit(f"device {name} needs its configuration (for storage: --disk PATH)")
+            raise UsageError(f"device {name} needs its configuration (for storage: --disk PATH)")
+    _check_socket_directory(socket_path)
+    if "storage" in devices and config and "storage" in config:
+        check_disk(config["storage"])
     service = HostService(socket_path, devices.values(), versions=parse_versions(versions) or HOST_VERSIONS,
                           device_config=config, emulated_disks=emulated_disks, group=group)
     try:
         service.bind()  # a socket in use, or a missing group: one line, before anything starts
     except HostSocketError as exc:
-        raise SystemExit(f"pvbus host: {exc}") from None
-    async with trio.open_nursery() as nursery:
-        with trio.CancelScope() as serving:  # SIGTERM/SIGINT end this; then the guests are told
-            await nursery.start(_until_signal, serving)
-            await nursery.start(service.run)
-            print(f"ready {socket_path}", flush=True)
-            await trio.sleep_forever()
-        await service.shutdown()
-        nursery.cancel_scope.cancel()
+        raise CommandError(str(exc)) from None
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as serving:  # SIGTERM/SIGINT end this; then the guests are told
+                await nursery.start(_until_signal, serving)
+                await nursery.start(service.run)
+                print(f"ready {socket_path}", flush=True)
+                await trio.sleep_forever()
+            await service.shutdown()
+            nursery.cancel_scope.cancel()
+    except* OSError as group:
+        raise CommandError(f"cannot listen on {socket_path}: {_reason(leaves(group)[0])}") from group
     return 0
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else describe(exc)
+
+
+def _check_socket_directory(socket_path: str) -> None:
+    """The directory a host's socket goes in must be there and writable
+    (else the bind fails later with no path named)."""
+    directory = os.path.dirname(os.path.abspath(socket_path))
+    if not os.path.isdir(directory):
+        raise CommandError(f"cannot listen on {socket_path}: there is no directory {directory} "
+                           "(create it, or give a --socket path in an existing directory)")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CommandError(f"cannot listen on {socket_path}: the directory {directory} is not writable")
+
+
+def check_disk(config: dict[str, Any]) -> None:
+    """Open the storage device's disk as its backend will (creating a
+    missing image only when given a size), so a host refuses a disk it
+    could not serve before it says ``ready``, not when a guest connects."""
+    import stat
+
+    from host_drivers.storage.backend import DiskImage
+
+    path = str(config["path"])
+    if os.path.isdir(path):
+        raise CommandError(f"disk {path} is a directory: give an image file or a block device")
+    if not os.path.exists(path) and "size" not in config:
+        raise CommandError(f"disk {path} does not exist: give --disk-size to create it (e.g. --disk-size 1G)")
+    try:
+        disk = DiskImage(path, size=config.get("size"), read_only=bool(config.get("read_only")))
+    except OSError as exc:
+        hint = " (or offer it with --read-only)" if isinstance(exc, PermissionError) and not config.get("read_only") else ""
+        raise CommandError(f"cannot open disk {path}: {_reason(exc)}{hint}") from exc
+    try:
+        mode = os.fstat(disk.fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise CommandError(f"disk {path} is neither a file nor a block device")
+        if disk.blocks == 0:
+            raise CommandError(f"disk {path} is empty (under one {disk.block_size}-byte block)")
+    finally:
+        disk.close()
 
 
 async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: int, versions: str | None) -> int:
@@ -128,34 +216,113 @@ async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: i
     from .programs import resolve
 
     func = resolve(program)
-    kernel = GuestKernel(load_devices(), ram_size=ram_mib << 20,
-                         versions=parse_versions(versions) or P.GUEST_VERSIONS)
+    offered = parse_versions(versions) or P.GUEST_VERSIONS
+    try:
+        kernel = GuestKernel(load_devices(), ram_size=ram_mib << 20, versions=offered)
+    except (OSError, MemoryError) as exc:
+        raise CommandError(f"cannot allocate {ram_mib:,} MiB of guest RAM: {_reason(exc)} (give less with --ram)") from exc
     status = 1
+    failure: CommandError | None = None
     try:
         async with trio.open_nursery() as nursery:
             await kernel.boot(socket_path, nursery)
             with trio.CancelScope() as program_scope:
                 await nursery.start(_until_signal, program_scope)
                 nursery.start_soon(_until_shutdown_request, kernel, program_scope)
-                status = await func(kernel, argv)
+                status, failure = await _run_program(kernel, program, func, argv)
             if program_scope.cancelled_caught:
                 status = 0  # asked to stop: shut down cleanly and say so
             await kernel.shutdown()
             nursery.cancel_scope.cancel()
-    except* (ConnectionError, BrokenPipeError, ConnectionResetError) as group:
-        print(f"pvbus guest: the host went away ({group.exceptions[0]})", file=sys.stderr)
-        status = 1
+    except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - each becomes one line, or goes on as it was
+        explained = _guest_failure(kernel, exc, socket_path, ram_mib, offered)
+        if explained is exc:
+            raise
+        raise explained from exc
     finally:
         kernel.close()
+    if failure is not None:
+        raise failure
     return status
 
 
+async def _run_program(kernel: Any, name: str, func: Any, argv: list[str]) -> tuple[int, CommandError | None]:
+    """Run the guest program: its status, or what it failed with as one
+    line (the kernel is shut down cleanly either way; a failure caused by
+    the host going away is left to the caller, which says so)."""
+    from vmbus.errors import ChannelRevoked, HostGone
+
+    try:
+        status = await func(kernel, argv)
+        return (0 if status is None else int(status)), None
+    except Exception as exc:  # noqa: BLE001 - the user's program: reported in one line (a cancel passes)
+        found = leaves(exc)
+        if kernel.host_gone or any(isinstance(e, HostGone) for e in found):
+            raise
+        usage = next((e for e in found if isinstance(e, CommandError)), None)
+        if usage is not None:
+            return usage.exit_status, usage
+        revoked = next((e for e in found if isinstance(e, ChannelRevoked)), None)
+        if revoked is not None:
+            failure = CommandError(f"the host removed a device program {name} was using ({revoked})")
+        else:
+            failure = CommandError(f"program {name} failed: {describe(found[0])}")
+        failure.__cause__ = exc
+        return 1, failure
+
+
+def _guest_failure(kernel: Any, exc: BaseException, socket_path: str, ram_mib: int,
+                   offered: tuple[int, ...]) -> BaseException:
+    """What to tell the user about a guest that could not go on: one line
+    for each known cause, else the exception as it was."""
+    from guest_kernel.memory import OutOfGuestMemory
+    from vmbus.errors import BootError, HostGone, HypercallFailed
+
+    found = leaves(exc)
+    if kernel.host_gone:
+        return CommandError(kernel.host_gone)
+    for e in found:
+        if isinstance(e, CommandError):
+            return e
+        if isinstance(e, HostGone):
+            return CommandError(str(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.EACCES, errno.ENOTDIR):
+            return CommandError(connect_problem(socket_path, e))
+        if isinstance(e, BootError) and "versions" in str(e):
+            return CommandError(f"{e} ({', '.join(map(_version_name, offered))}): offer one it accepts with "
+                                "--versions, or omit --versions for all of ours")
+        if isinstance(e, (BootError, HypercallFailed)):
+            booted = kernel.version is not None and all(d.state.value != "opening" for d in kernel.devices.values())
+            return CommandError(f"the host refused a request: {e}" if booted else f"the guest could not boot: {e}")
+        if isinstance(e, OutOfGuestMemory):
+            return CommandError(f"{ram_mib} MiB of guest RAM is not enough for the host's devices ({e}): "
+                                "give more with --ram")
+    return exc
+
+
+def connect_problem(socket_path: str, exc: OSError) -> str:
+    """Why connecting to a host's socket failed, and what to do, in words."""
+    start = f"start one with 'pvbus host --socket {socket_path}'"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return f"no host socket at {socket_path}: {start}"
+    if exc.errno == errno.ECONNREFUSED:
+        return f"no host is listening on {socket_path} (the file is left from one that stopped): {start}"
+    if exc.errno == errno.EACCES:
+        return f"cannot connect to {socket_path}: permission denied"
+    return f"cannot connect to {socket_path}: {_reason(exc)}"
+
+
 async def run_main(program: str, argv: list[str], device_names: list[str] | None, ram_mib: int,
-                   host_args: list[str] | None = None) -> int:
-    """Start a host and a guest as a pair; return the guest program's status."""
+                   host_args: list[str] | None = None, pvbus_options: list[str] | None = None) -> int:
+    """Start a host and a guest as a pair; return the guest program's status.
+    ``pvbus_options`` (``--debug``, ``--log-level``) go to both."""
+    from .programs import resolve
+
+    resolve(program)  # a program that cannot run is refused before anything starts
+    pvbus = [sys.executable, "-m", "pvbus", *(pvbus_options or [])]
     with tempfile.TemporaryDirectory(prefix="pvbus-") as tmp:
         sock = os.path.join(tmp, "host.sock")
-        host_cmd = [sys.executable, "-m", "pvbus", "host", "--socket", sock, *(host_args or [])]
+        host_cmd = [*pvbus, "host", "--socket", sock, *(host_args or [])]
         for name in device_names or []:
             host_cmd += ["--device", name]
         async with trio.open_nursery() as nursery:
@@ -167,9 +334,12 @@ async def run_main(program: str, argv: list[str], device_names: list[str] | None
                     while not line.endswith(b"\n"):
                         chunk = await host.stdout.receive_some(1)
                         if not chunk:
-                            raise SystemExit("the host exited before it was ready")
+                            code = await host.wait()
+                            if code > 0:
+                                return code  # it said why, on stderr
+                            raise CommandError(f"the host exited before it was ready (status {code})")
                         line += chunk
-                guest_cmd = [sys.executable, "-m", "pvbus", "guest", "--socket", sock, "--ram", str(ram_mib),
+                guest_cmd = [*pvbus, "guest", "--socket", sock, "--ram", str(ram_mib),
                              "--program", program, "--", *argv]
                 guest = await trio.run_process(guest_cmd, check=False)
                 return guest.returncode
@@ -186,7 +356,13 @@ async def run_main(program: str, argv: list[str], device_names: list[str] | None
 async def inspect_main(socket_path: str) -> int:
     from vmbus.admin import admin_request
 
-    print(json.dumps(await admin_request(socket_path, {"cmd": "inspect"}), indent=2))
+    try:
+        answer = await admin_request(socket_path, {"cmd": "inspect"})
+    except OSError as exc:
+        raise CommandError(connect_problem(socket_path, exc)) from exc
+    except ValueError as exc:  # no JSON: the host stopped while answering
+        raise CommandError(f"the host on {socket_path} gave no answer ({describe(exc)})") from exc
+    print(json.dumps(answer, indent=2))
     return 0
 
 

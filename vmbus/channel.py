@@ -60,6 +60,7 @@ class Channel:
         self._wait = wait
         self.closed = False
         self.revoked = False
+        self._revoked_because: ChannelRevoked | None = None
         self.stats = ChannelStatistics()
         self.sub_index = 0
         # Adaptive polling: after draining, spin this many times (in C, GIL
@@ -80,9 +81,16 @@ class Channel:
         """Neither closed nor rescinded: requests may still go out."""
         return not (self.revoked or self.closed)
 
+    def revoked_error(self) -> ChannelRevoked:
+        """What a user of a revoked channel gets: the error it was revoked
+        with (``HostGone`` when the host went away), else a rescind."""
+        if self._revoked_because is not None:
+            return type(self._revoked_because)(str(self._revoked_because))
+        return ChannelRevoked(f"channel {self.relid} was rescinded")
+
     def _check(self) -> None:
         if self.revoked:
-            raise ChannelRevoked(f"channel {self.relid} was rescinded")
+            raise self.revoked_error()
         if self.closed:
             raise ChannelClosed(f"channel {self.relid} is closed")
 
@@ -202,8 +210,9 @@ class Channel:
     def close(self) -> None:
         self.closed = True
 
-    def revoke(self) -> None:
+    def revoke(self, because: ChannelRevoked | None = None) -> None:
         self.revoked = True
+        self._revoked_because = because
 
 
 class Batch:
@@ -283,7 +292,7 @@ class Requestor:
             await send(tids)
             await self.wait(batch)
             if batch.remaining:
-                raise ChannelRevoked(f"channel {self.channel.relid} was rescinded")
+                raise self.channel.revoked_error()
             return [batch.results[t] for t in tids]
         finally:
             for tid in tids:

@@ -69,7 +69,7 @@ def test_pvbus_inspect_shows_partitions_channels_and_rings(tmp_path: Path) -> No
 
     from .harness import guest_command
 
-    with host_process(tmp_path) as host:
+    with host_process(tmp_path, "--device", "echo") as host:  # one device: the counts below are its own
         guest = subprocess.Popen(guest_command(host, "idle"), stdout=subprocess.PIPE)
         try:
             assert guest.stdout is not None and json.loads(guest.stdout.readline())["booted"]

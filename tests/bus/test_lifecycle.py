@@ -23,7 +23,8 @@ def test_rescind_open_device_with_requests_in_flight(tmp_path: Path) -> None:
     so some are surely in flight).  Rescinding both wakes every waiter with
     ChannelRevoked, never a hang; the guest releases the relids and goes on."""
     site = install_plugin(tmp_path, "sink", SINK_MODULE)
-    with host_process(tmp_path, env=env_with(site)) as host:
+    # only the two devices rescinded below: the test waits for the host to have no channel left
+    with host_process(tmp_path, "--device", "echo", "--device", "sink", env=env_with(site)) as host:
 
         async def scenario() -> None:
             kernel = GuestKernel(load_devices(), ram_size=16 << 20)
