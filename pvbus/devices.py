@@ -1,4 +1,5 @@
-"""The devices that ship with the project, as ``DeviceSpec`` entry points.
+"""The devices that ship with the project, as ``DeviceSpec`` entry points
+(paravirtual devices) and ``TrappedDeviceSpec`` ones (emulated controllers).
 
 Each spec pairs a host driver and a guest driver through one interface
 GUID; ``pyproject.toml`` publishes them under ``pvbus.devices`` exactly as a
@@ -13,9 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 from vmbus.device import DeviceSpec
+from vmbus.protocols import emulated_disks as emulated
 from vmbus.protocols import echo as echo_protocol
 from vmbus.protocols import ic as ic_protocol
 from vmbus.protocols import storvsc as storvsc_protocol
+from vmbus.trapped import TrappedDeviceSpec
 
 
 def _lazy(path: str) -> Callable[[Any], Any]:
@@ -83,4 +86,39 @@ KVP = DeviceSpec(
     guest=_lazy("guest_kernel.drivers.ic_kvp:KvpDriver"),
     ring_pages=3,
     description="integration service: key/value pools shared by host and guest (pvbus kvp)",
+)
+
+
+# -- trapped (emulated) devices: register windows, every access an exit ----
+
+
+def _emulated_disk(model: str) -> Any:
+    """``(config, partition) -> model`` for an emulated disk controller on
+    the image the configuration names (the storage device's)."""
+
+    def make(config: dict[str, Any], partition: Any) -> Any:
+        from host_drivers.emulated.dma import DmaDisk
+        from host_drivers.emulated.ide import IdePio
+        from host_drivers.storage.backend import DiskImage
+
+        disk = DiskImage(config["path"], read_only=bool(config.get("read_only")))
+        return IdePio(disk) if model == "ide" else DmaDisk(disk, partition)
+
+    return make
+
+
+IDE_CONTROLLER = TrappedDeviceSpec(
+    name="ide",
+    base=emulated.IDE_BASE,
+    length=emulated.IDE_PORTS,
+    host=_emulated_disk("ide"),
+    description="IDE-like disk controller, programmed I/O only: every 16-bit data word is an exit",
+)
+
+DMA_CONTROLLER = TrappedDeviceSpec(
+    name="dma",
+    base=emulated.DMA_BASE,
+    length=emulated.DMA_REGS,
+    host=_emulated_disk("dma"),
+    description="DMA disk controller: a request is a few register writes, a doorbell and an interrupt",
 )

@@ -35,6 +35,7 @@ from .errors import CommandError, UsageError, describe, leaves
 
 log = logging.getLogger("pvbus")
 MIN_RAM_MIB = 8  # the rings of every shipped device, the SynIC pages and I/O buffers, with room
+EMULATED_DISK_CONTROLLERS = ("ide", "dma")  # trapped devices behind --emulated-disks
 
 
 def _version_name(version: int) -> str:
@@ -133,6 +134,24 @@ def parse_size(text: str) -> int:
     return size
 
 
+def _trapped_devices(emulated_disks: bool, config: dict[str, dict[str, Any]] | None
+                     ) -> list[tuple[Any, dict[str, Any]]]:
+    """``--emulated-disks``: the emulated IDE and DMA disk controllers
+    (trapped devices), each on the storage device's image."""
+    if not emulated_disks:
+        return []
+    storage = (config or {}).get("storage")
+    if not storage:
+        raise UsageError("--emulated-disks puts emulated controllers on the disk image: give --disk PATH too")
+    from vmbus.trapped import load_trapped_devices
+
+    installed = load_trapped_devices()
+    missing = [name for name in EMULATED_DISK_CONTROLLERS if name not in installed]
+    if missing:
+        raise UsageError(f"trapped device(s) {', '.join(missing)} not installed (reinstall pvbus)")
+    return [(installed[name], storage) for name in EMULATED_DISK_CONTROLLERS]
+
+
 async def host_main(socket_path: str, device_names: list[str] | None, versions: str | None,
                     config: dict[str, dict[str, Any]] | None = None, emulated_disks: bool = False,
                     group: str | None = None) -> int:
@@ -148,7 +167,7 @@ async def host_main(socket_path: str, device_names: list[str] | None, versions: 
     if "storage" in devices and config and "storage" in config:
         check_disk(config["storage"])
     service = HostService(socket_path, devices.values(), versions=parse_versions(versions) or HOST_VERSIONS,
-                          device_config=config, emulated_disks=emulated_disks, group=group)
+                          device_config=config, trapped=_trapped_devices(emulated_disks, config), group=group)
     try:
         service.bind()  # a socket in use, or a missing group: one line, before anything starts
     except HostSocketError as exc:

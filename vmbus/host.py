@@ -42,6 +42,8 @@ from .device import DeviceCommandError, DeviceSpec
 from .guest_memory import GuestMemory, GuestMemoryError
 from .hypervisor import Partition
 from .server import HOST_VERSIONS, Refused, VmbusServer
+from .trapped import TrappedDeviceSpec, check_windows
+from .trapped import attach as attach_trapped
 from .transport import (
     CONNECT_BODY, KIND, STATUS, ExitKind, Truncated, fd_kind, is_eventfd, recv_msg, release_fds, send_msg,
 )
@@ -61,14 +63,15 @@ class HostService:
         *,
         versions: Iterable[int] = HOST_VERSIONS,
         device_config: dict[str, dict[str, Any]] | None = None,
-        emulated_disks: bool = False,
+        trapped: Iterable[tuple[TrappedDeviceSpec, dict[str, Any]]] = (),
         group: str | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.group = group
         self.access: Access | None = None
         self._listeners: tuple[Listener, Listener] | None = None
-        self.emulated_disks = emulated_disks
+        self.trapped = list(trapped)
+        check_windows(spec for spec, _ in self.trapped)
         self.admin_path = Path(f"{self.socket_path}.admin")
         self.devices = list(devices)
         self.versions = tuple(versions)
@@ -156,7 +159,7 @@ class HostService:
         models: list[Any] = []
         try:
             await send_msg(sock, STATUS.pack(hv.HvStatus.SUCCESS))
-            models = self._attach_emulated(partition)
+            models = attach_trapped(partition, self.trapped)
             async with trio.open_nursery() as nursery:
                 server = VmbusServer(partition, self.devices, nursery, self.versions, self.device_config)
                 self.partitions[partition.id] = (partition, server)
@@ -175,26 +178,11 @@ class HostService:
             with trio.CancelScope(shield=True):
                 if server is not None:
                     await server.close()
-                for disk in models:
-                    disk.close()
+                for model in models:
+                    model.close()
                 await partition.aclose()
             self._partitions_changed()
             log.info("partition %d: released", partition.id)
-
-    def _attach_emulated(self, partition: Partition) -> list[Any]:
-        """The emulated IDE and DMA controllers on the storage image, for the
-        full-virtualization and emulation comparisons; returns what to close."""
-        cfg = self.device_config.get("storage")
-        if not self.emulated_disks or not cfg:
-            return []
-        from host_drivers.emulated import DMA_BASE, DMA_REGS, IDE_BASE, IDE_PORTS
-        from host_drivers.emulated.dma import DmaDisk
-        from host_drivers.emulated.ide import IdePio
-        from host_drivers.storage.backend import DiskImage
-
-        disks = [DiskImage(cfg["path"], read_only=bool(cfg.get("read_only"))) for _ in range(2)]
-        partition.io_regions = [(IDE_BASE, IDE_PORTS, IdePio(disks[0])), (DMA_BASE, DMA_REGS, DmaDisk(disks[1], partition))]
-        return disks
 
     async def _connect(self, sock: trio.socket.SocketType) -> Partition | None:
         """The CONNECT exit: RAM and SINT fds, each checked for what it is before

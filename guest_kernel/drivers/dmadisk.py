@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from vmbus.protocols.emulated_disks import DMA_BASE
+
 from ..memory import PAGE_SHIFT, DmaBuffer
 
-BASE = 0x1000
+BASE = DMA_BASE
 CMD, LBA, COUNT, ADDR, DOORBELL, STATUS, INT_ACK, CAPACITY = range(0, 0x40, 8)
 READ, WRITE, FLUSH = 1, 2, 3
 DONE, ERROR = 0x1, 0x2

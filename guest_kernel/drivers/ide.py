@@ -10,8 +10,9 @@ from __future__ import annotations
 import struct
 
 from guest_kernel.hypercalls import Hypercalls
+from vmbus.protocols.emulated_disks import IDE_BASE
 
-BASE = 0x1F0
+BASE = IDE_BASE
 DATA, FEATURES, COUNT, LBA0, LBA1, LBA2, DEVICE, COMMAND = range(8)
 DRQ, ERR = 0x08, 0x01
 READ_SECTORS, WRITE_SECTORS, FLUSH_CACHE, IDENTIFY = 0x20, 0x30, 0xE7, 0xEC

@@ -13,7 +13,7 @@ device model here, one round trip each:
 Both read and write the same disk image as the paravirtual disk.
 """
 
-IDE_BASE = 0x1F0
-IDE_PORTS = 8
-DMA_BASE = 0x1000
-DMA_REGS = 0x40
+from vmbus.protocols.emulated_disks import DMA_BASE as DMA_BASE
+from vmbus.protocols.emulated_disks import DMA_REGS as DMA_REGS
+from vmbus.protocols.emulated_disks import IDE_BASE as IDE_BASE
+from vmbus.protocols.emulated_disks import IDE_PORTS as IDE_PORTS

@@ -37,6 +37,9 @@ class DmaDisk:
         self.status = 0
         self.requests = 0
 
+    def close(self) -> None:
+        self.disk.close()
+
     async def _run(self) -> int:
         cmd, lba, count, addr = (self.regs[k] for k in (CMD, LBA, COUNT, ADDR))
         if cmd == FLUSH:

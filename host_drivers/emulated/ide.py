@@ -41,6 +41,9 @@ class IdePio:
         self.lba = 0
         self.writing = False
 
+    def close(self) -> None:
+        self.disk.close()
+
     def _lba28(self) -> int:
         r = self.regs
         return ((r[6] & 0x0F) << 24) | (r[5] << 16) | (r[4] << 8) | r[3]
