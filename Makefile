@@ -68,3 +68,9 @@ sanitize: $(STAMP)
 	cd $(SANITIZE_DIR) && LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  PYTHONPATH=$$PWD $(abspath $(PY)) -m pytest -p no:cacheprovider -q $(SANITIZE_TESTS)
+
+# Hostile guests at full size: 500 churning guests beside four good ones, and
+# 32 storage guests at once (their small versions are part of make test).
+.PHONY: soak
+soak: $(STAMP)
+	$(PY) -m pytest -m soak -q tests/hostile
