@@ -5,11 +5,20 @@ CONNECT_EVENT_PORT) are a request and a reply on the control socket, one
 at a time.  HvSignalEvent on an open channel is the fast path: one write
 to the channel's eventfd, no reply, as Linux issues it as a fast
 hypercall.  Each is counted in ``exits``.
+
+The control socket is also how the guest learns that its host is gone: a
+host that dies closes it.  ``wait_host_gone`` watches for the hang-up
+without reading (a private epoll set asking for EPOLLRDHUP alone: Linux
+reports EPOLLHUP and EPOLLERR whatever was asked, and a reply arriving
+wakes nothing there, so no exit's reply is taken), and an exit that meets
+end-of-stream or a reset says the same.  From then on every exit raises
+``HostGone`` at once.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 from collections import Counter
@@ -17,7 +26,7 @@ from collections import Counter
 import trio
 
 from vmbus import hv
-from vmbus.errors import HypercallFailed
+from vmbus.errors import HostGone, HypercallFailed
 from vmbus.transport import (
     CONNECT_BODY,
     CONTROL_WORD,
@@ -37,6 +46,8 @@ class Hypercalls:
         self.sock = sock
         self.exits: Counter[str] = Counter()
         self._lock = trio.Lock()
+        self.lost: str | None = None  # "the host went away (why)", once it has
+        self._lost = trio.Event()
 
     @classmethod
     async def connect(cls, path: str, ram_fd: int, ram_size: int, sint_fd: int) -> Hypercalls:
@@ -57,18 +68,60 @@ class Hypercalls:
     async def _roundtrip(self, what: str, data: bytes, fds: list[int] | None = None) -> tuple[bytes, list[int]]:
         """One exit: send it, wait for the hypervisor's reply, count it."""
         async with self._lock:
+            if self.lost is not None:
+                raise HostGone(self.lost)
             self.exits[what] += 1
             # An exit is not interruptible half-way: a cancelled wait would
             # leave its reply to be taken as the answer to the next exit.
             with trio.CancelScope(shield=True):
-                await send_msg(self.sock, data, fds or [])
-                return await recv_msg(self.sock)
+                try:
+                    await send_msg(self.sock, data, fds or [])
+                    reply, rfds = await recv_msg(self.sock)
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    self._host_gone(exc.strerror or str(exc))
+                    raise HostGone(self.lost) from exc
+            if not reply and not rfds:  # end of stream: no reply is empty
+                self._host_gone("it closed the control socket")
+                raise HostGone(self.lost)
+            return reply, rfds
+
+    def _malformed(self, what: str, reply: bytes, fds: list[int]) -> HostGone:
+        """A reply no hypervisor sends: the stream is not to be trusted after
+        it, so the host counts as gone."""
+        for fd in fds:
+            os.close(fd)
+        self._host_gone(f"it answered {what} with a malformed reply of {len(reply)} bytes")
+        assert self.lost is not None
+        return HostGone(self.lost)
+
+    def _host_gone(self, reason: str) -> None:
+        if self.lost is None:
+            self.lost = f"the host went away ({reason})"
+            self._lost.set()
+
+    async def wait_host_gone(self) -> str:
+        """Return once the host is gone (its end of the control socket closed,
+        or an exit found it so), saying so in words."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_hangup)
+            await self._lost.wait()
+            nursery.cancel_scope.cancel()
+        assert self.lost is not None
+        return self.lost
+
+    async def _watch_hangup(self) -> None:
+        with select.epoll() as hangup:
+            # EPOLLRDHUP only: EPOLLHUP and EPOLLERR come anyway (see the module note).
+            hangup.register(self.sock.fileno(), select.EPOLLRDHUP)
+            while not hangup.poll(0):
+                await trio.lowlevel.wait_readable(hangup.fileno())
+        self._host_gone("it closed the control socket")
 
     async def _exit(self, what: str, data: bytes, fds: list[int] | None = None) -> tuple[int, list[int]]:
         """An exit answered by a bare HV_STATUS (and perhaps fds)."""
         reply, rfds = await self._roundtrip(what, data, fds)
         if len(reply) != STATUS.size:
-            raise ConnectionError("hypervisor went away")
+            raise self._malformed(what, reply, rfds)
         return STATUS.unpack(reply)[0], rfds
 
     async def hypercall(self, code: int, block: bytes, *, fast: bool = False) -> tuple[int, list[int]]:
@@ -98,9 +151,9 @@ class Hypercalls:
     async def io(self, address: int, size: int, *, write: bool = False, value: int = 0) -> int:
         """One trapped register access (port or MMIO): an exit and a round trip.
         Returns the value read (for a write, what the device echoes)."""
-        reply, _ = await self._roundtrip("io", KIND.pack(ExitKind.IO) + IO_BODY.pack(address, size, int(write), 0, value))
+        reply, fds = await self._roundtrip("io", KIND.pack(ExitKind.IO) + IO_BODY.pack(address, size, int(write), 0, value))
         if len(reply) != IO_REPLY.size:
-            raise ConnectionError("hypervisor went away")
+            raise self._malformed("io", reply, fds)
         status, result = IO_REPLY.unpack(reply)
         if status != hv.HvStatus.SUCCESS:
             raise HypercallFailed(f"I/O access at {address:#x}", status)

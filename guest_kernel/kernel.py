@@ -14,6 +14,13 @@ Each device has an explicit state: offered -> opening -> open -> closed,
 or rescinded at any point.  A rescinded device gives its users
 ``ChannelRevoked`` (in-flight requests included), never a hang; the
 kernel then releases the relid.
+
+A host that goes away (its end of the control socket closes: killed,
+crashed, or stopped after rescinding everything) is noticed by a task that
+watches the socket from boot until UNLOAD.  Every device is then revoked
+with ``HostGone`` (a ``ChannelRevoked``), every wait for the host fails
+with it, and the task raises it into the kernel's nursery, which cancels
+whatever else runs there: the guest program.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from vmbus import hv
 from vmbus import protocol as P
 from vmbus.channel import Channel
 from vmbus.device import DeviceSpec, GuestDriver, by_interface
-from vmbus.errors import BootError, ChannelRevoked, HypercallFailed
+from vmbus.errors import BootError, ChannelRevoked, HostGone, HypercallFailed
 
 from .hypercalls import Hypercalls
 from .memory import DEFAULT_RAM, PAGE_SHIFT, GuestRam
@@ -99,6 +106,7 @@ class GuestKernel:
         self.unexpected_messages = 0
         self.legacy_irqs = 0  # interrupts from the emulated disk controllers
         self._legacy_irq = trio.Event()
+        self.unloaded = False  # UNLOAD answered: the host owes us nothing more
 
     # -- messages ----------------------------------------------------------
 
@@ -111,6 +119,7 @@ class GuestKernel:
         with trio.move_on_after(RESPONSE_TIMEOUT) as scope:
             await slot[0].wait()
         self._waiters.pop(key, None)
+        self._check_host()
         if scope.cancelled_caught:
             raise BootError(f"no answer from the host for {key}")
         return slot[1][0]
@@ -162,6 +171,43 @@ class GuestKernel:
         slot[1].append(msg)
         slot[0].set()
 
+    # -- losing the host -------------------------------------------------------
+
+    @property
+    def host_gone(self) -> str | None:
+        """Why the host is gone (in words), or None while it is there."""
+        return None if self.hypercalls is None else self.hypercalls.lost
+
+    def _check_host(self) -> None:
+        if self.host_gone is not None:
+            raise HostGone(self.host_gone)
+
+    async def _watch_host(self) -> None:
+        assert self.hypercalls is not None
+        reason = await self.hypercalls.wait_host_gone()
+        if self.unloaded:
+            return  # a clean end: nothing waits for the host any more
+        log.info("%s", reason)
+        await self._lose_host(HostGone(reason))
+        raise HostGone(reason)
+
+    async def _lose_host(self, error: HostGone) -> None:
+        """Revoke every device with ``error`` and wake every waiter: the
+        same path as a rescind, without the messages a live host needs."""
+        for dev in list(self.devices.values()):
+            was_open = dev.state is DeviceState.OPEN
+            if dev.state in (DeviceState.CLOSED, DeviceState.RESCINDED):
+                continue
+            dev.state = DeviceState.RESCINDED
+            if dev.channel is not None:
+                dev.channel.revoke(error)
+            if was_open:
+                await self._stop_driver(dev)
+        for event, _ in list(self._waiters.values()):
+            event.set()  # each waiter finds no answer and raises HostGone
+        self._all_offers.set()
+        self._legacy_irq.set()
+
     def _on_channel_interrupt(self, relid: int) -> None:
         if relid == hv.LEGACY_IRQ_FLAG:
             self.legacy_irqs += 1
@@ -201,12 +247,14 @@ class GuestKernel:
         self.synic = SynIC(self.ram, self.hypercalls, sint)
         self.synic.on_message = self._on_message
         self.synic.on_channel = self._on_channel_interrupt
+        nursery.start_soon(self._watch_host)
         await self.synic.enable()
         nursery.start_soon(self.synic.run)
         await self._negotiate()
         await self._post_ok(P.RequestOffers())
         with trio.move_on_after(RESPONSE_TIMEOUT):
             await self._all_offers.wait()
+        self._check_host()
         if not self._all_offers.is_set():
             raise BootError("the host never said ALLOFFERS_DELIVERED")
         for dev in list(self.devices.values()):
@@ -305,6 +353,7 @@ class GuestKernel:
     async def wait_legacy_irq(self, seen: int) -> None:
         """Return once more than ``seen`` legacy interrupts have arrived."""
         while self.legacy_irqs <= seen:
+            self._check_host()
             await self._legacy_irq.wait()
 
     async def emulated_disk(self, kind: str) -> Any:
@@ -327,6 +376,7 @@ class GuestKernel:
 
     def device(self, name: str) -> Any:
         """The driver of an open device, for guest programs."""
+        self._check_host()
         for dev in self.devices.values():
             if dev.spec is not None and dev.spec.name == name:
                 if dev.state is DeviceState.RESCINDED:
@@ -342,10 +392,19 @@ class GuestKernel:
             return
         dev.state = DeviceState.CLOSED
         await self._stop_driver(dev)
-        await self._post_ok(P.CloseChannel(dev.relid))
         slot = self._expect("torndown", dev.gpadl)
-        await self._post_ok(P.GpadlTeardown(dev.relid, dev.gpadl))
-        await self._await(("torndown", dev.gpadl), slot)
+        for msg in (P.CloseChannel(dev.relid), P.GpadlTeardown(dev.relid, dev.gpadl)):
+            status = await self.post(msg)
+            if status != hv.HvStatus.SUCCESS:
+                # The host rescinded the channel while we closed it (a host
+                # stopping does that; its RESCINDCHANNEL is on the way): it
+                # holds nothing of the channel any more, nor will it answer.
+                log.info("closing %s (channel %d): %s refused (%#x): taken as rescinded",
+                         dev.name, dev.relid, msg.TYPE.name, status)
+                self._waiters.pop(("torndown", dev.gpadl), None)
+                break
+        else:
+            await self._await(("torndown", dev.gpadl), slot)
         self._release_rings(dev)
 
     async def _stop_driver(self, dev: GuestDevice) -> None:
@@ -376,7 +435,12 @@ class GuestKernel:
         if was_open:
             await self._stop_driver(dev)
             self._release_rings(dev)  # the host dropped the channel: no teardown wait
-        await self._post_ok(P.RelidReleased(dev.relid))
+        try:
+            status = await self.post(P.RelidReleased(dev.relid))
+        except HostGone:
+            return  # a host stopping rescinds everything, then goes: the watcher reports it
+        if status != hv.HvStatus.SUCCESS:  # (we unloaded meanwhile: the host forgot the relid with the rest)
+            log.info("RELID_RELEASED for channel %d refused (%#x)", dev.relid, status)
 
     async def shutdown(self) -> None:
         for dev in list(self.devices.values()):
@@ -386,6 +450,7 @@ class GuestKernel:
             slot = self._expect("unload")
             await self._post_ok(P.Unload())
             await self._await(("unload",), slot)
+            self.unloaded = True
             self.version = None
 
     def close(self) -> None:

@@ -19,6 +19,13 @@ Subcommands:
   ``os.pipe``, ``multiprocessing.Pipe`` and ``faster_fifo.Queue``.
 
 Argument parsing is argparse (stdlib); output is rich.
+
+A user sees one line per problem, never a traceback: options are checked
+as they are parsed (sizes, RAM, versions), a command reports what it
+cannot do as a ``CommandError``, and ``main`` turns anything else into
+``pvbus: error: ...`` (exit status 1; exception groups from trio read as
+the exceptions inside).  ``pvbus --debug`` shows the tracebacks instead.
+Usage errors exit with 2, as argparse does; Ctrl-C with 130, quietly.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ import argparse
 import os
 import sys
 import time
+from typing import NoReturn
 
 from . import __version__
+from .errors import CommandError, describe, leaves
 
 
 def _logging(level: str) -> None:
@@ -71,7 +80,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         host_args += ["--disk-size", args.disk_size]
     if args.disk and os.path.lexists(args.disk) and not args.writable:
         host_args.append("--read-only")  # the user's existing disk: written only when they say so
-    return trio.run(run_main, args.program, args.args, args.device, args.ram, host_args)
+    return trio.run(run_main, args.program, args.args, args.device, args.ram, host_args, _pvbus_options(args))
 
 
 def _cmd_bench_report(args: argparse.Namespace) -> int:
@@ -96,6 +105,21 @@ def _cmd_bench_block(args: argparse.Namespace) -> int:
     from .bench import blockbench
 
     return blockbench.main(args.json, args.quick)
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    """Installed devices (paravirtual and trapped) and the options each takes."""
+    from vmbus.config import describe_options
+    from vmbus.device import load_devices
+    from vmbus.trapped import load_trapped_devices
+
+    for name, spec in sorted(load_devices().items()):
+        print(f"{name}: {spec.description}")
+        for line in describe_options(spec.config_schema):
+            print(f"    {line}")
+    for name, trapped in sorted(load_trapped_devices().items()):
+        print(f"{name} (trapped, --emulated-disks): {trapped.description}")
+    return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -158,22 +182,83 @@ def _cmd_bench_ring(args: argparse.Namespace) -> int:
     return ringbench.main(args.json, args.quick)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in one line, naming where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _checked(check_name: str, convert: type = str) -> argparse._ActionType:
+    """An argparse type: ``convert`` the text, then pass it to the checker
+    ``check_name`` of ``pvbus.launch`` (imported only when the option is
+    given), whose ValueError becomes argparse's one-line message."""
+
+    def check(text: str) -> object:
+        from . import launch
+
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        try:
+            getattr(launch, check_name)(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    check.__name__ = check_name
+    return check
+
+
+_size = _checked("parse_size")
+_versions = _checked("parse_versions")
+_ram = _checked("check_ram", int)
+
+
+def _at_least(least: float, convert: type = int) -> argparse._ActionType:
+    """An argparse type for a number of at least ``least``."""
+    kind = "a whole number" if convert is int else "a number"
+
+    def number(text: str) -> object:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind} of at least {least:g}")
+        return value
+
+    number.__name__ = "number"
+    return number
+
+
+def _pvbus_options(args: argparse.Namespace) -> list[str]:
+    """The global options, for the processes a command starts."""
+    return ["--log-level", args.log_level, *(["--debug"] if args.debug else [])]
+
+
 def _disk_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disk", help="disk image or block device for the storage device")
-    parser.add_argument("--disk-size", help="create the image sparse at this size if missing (e.g. 1G)")
+    parser.add_argument("--disk-size", type=_size, help="create the image sparse at this size if missing (e.g. 1G)")
     parser.add_argument("--read-only", action="store_true", help="offer the disk read-only")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pvbus", description="Paravirtual I/O over VMBus-format rings.")
+    parser = _Parser(prog="pvbus", description="Paravirtual I/O over VMBus-format rings.")
     parser.add_argument("--version", action="version", version=f"pvbus {__version__}")
-    parser.add_argument("--log-level", default="warning", help="debug, info, warning (default), error")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--log-level", default="warning", type=str.lower, choices=["debug", "info", "warning", "error"],
+                        help="debug, info, warning (default), error")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to run")
 
     host = sub.add_parser("host", help="run the host service in the foreground (SIGTERM stops it)")
     host.add_argument("--socket", required=True, help="AF_UNIX path guests connect to")
-    host.add_argument("--device", action="append", help="offer this device (repeatable; default: all installed)")
-    host.add_argument("--versions", help="VMBus versions to accept, e.g. 4.0,3.0 (default: 3.0 to 5.3)")
+    host.add_argument("--device", action="append", metavar="NAME[:KEY=VALUE,...]",
+                      help="offer this device, with its options (repeatable; default: all installed; "
+                           "`pvbus devices` lists them and their options)")
+    host.add_argument("--versions", type=_versions,
+                      help="VMBus versions to accept, e.g. 4.0,3.0 (default: 3.0 to 5.3)")
     _disk_arguments(host)
     host.add_argument("--emulated-disks", action="store_true",
                       help="also attach an emulated IDE (PIO) and DMA controller on the disk image")
@@ -182,17 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     host.set_defaults(func=_cmd_host)
 
     guest = sub.add_parser("guest", help="boot a guest kernel against a host and run a guest program")
-    guest.add_argument("--socket", required=True)
-    guest.add_argument("--program", default="echo-demo", help="echo-demo, echo-load, idle, or module:function")
-    guest.add_argument("--ram", type=int, default=256, help="guest RAM in MiB (default 256)")
-    guest.add_argument("--versions", help="VMBus versions to offer, newest first (default 5.3 down to 3.0)")
+    guest.add_argument("--socket", required=True, help="AF_UNIX path of the host to connect to")
+    guest.add_argument("--program", default="echo-demo",
+                       help="echo-demo, echo-load, idle, or module:function (imported from the current directory)")
+    guest.add_argument("--ram", type=_ram, default=256, help="guest RAM in MiB (default 256)")
+    guest.add_argument("--versions", type=_versions,
+                       help="VMBus versions to offer, newest first (default 5.3 down to 3.0)")
     guest.add_argument("args", nargs="*", help="arguments for the guest program (after --)")
     guest.set_defaults(func=_cmd_guest)
 
     run = sub.add_parser("run", help="a host and a guest as a pair; default: the storage demo on a generated image")
     run.add_argument("--program", help="a guest program instead of the storage demo (echo-demo, module:function)")
-    run.add_argument("--device", action="append")
-    run.add_argument("--ram", type=int, default=256)
+    run.add_argument("--device", action="append", metavar="NAME[:KEY=VALUE,...]",
+                     help="with --program: offer only this device, with its options (repeatable; "
+                          "default: all installed)")
+    run.add_argument("--ram", type=_ram, default=256, help="with --program: guest RAM in MiB (default 256)")
     run.add_argument("--disk", help="disk image or block device for the storage device: an existing one is used "
                                     "as it is, read-only unless --writable; a missing one is created at "
                                     "--disk-size (default: a temporary image, removed after)")
@@ -200,15 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
                                          "an existing image is never resized")
     run.add_argument("--writable", action="store_true",
                      help="let the guest (and the demo's write workloads) write to an existing --disk")
-    run.add_argument("args", nargs="*")
+    run.add_argument("args", nargs="*", help="arguments for the guest program (after --)")
     run.set_defaults(func=_cmd_run)
 
+    devices = sub.add_parser("devices", help="installed devices and the options each takes (--device NAME:KEY=VALUE)")
+    devices.set_defaults(func=_cmd_devices)
+
     inspect = sub.add_parser("inspect", help="a running host's partitions, channels, rings and counters (JSON)")
-    inspect.add_argument("--socket", required=True)
+    inspect.add_argument("--socket", required=True, help="AF_UNIX path the host listens on")
     inspect.set_defaults(func=_cmd_inspect)
 
     demo = sub.add_parser("ring-demo", help="two processes moving packets over a bare ring pair")
-    demo.add_argument("--packets", type=int, default=200_000, help="packets in the checked transfer")
+    demo.add_argument("--packets", type=_at_least(1), default=200_000, help="packets in the checked transfer")
     demo.set_defaults(func=_cmd_ring_demo)
 
     bench = sub.add_parser("bench", help="benchmarks; alone: the four kinds of virtualization side by side")
@@ -216,13 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="short runs (under a minute)")
     bench.add_argument("--rw", action="append", choices=["read", "write", "randread", "randwrite"],
                        help="workload(s) instead of the default matrix (fio-like, repeatable)")
-    bench.add_argument("--bs", default="4k", help="block size with --rw (default 4k)")
-    bench.add_argument("--iodepth", type=int, default=1, help="queue depth with --rw (default 1)")
-    bench.add_argument("--size", default="64M", help="region the workload covers (default 64M)")
-    bench.add_argument("--runtime", type=float, default=1.0, help="measured seconds per workload and mode")
-    bench.add_argument("--ramp", type=float, default=0.2, help="warm-up seconds before measuring")
+    bench.add_argument("--bs", default="4k", type=_size, help="block size with --rw (default 4k)")
+    bench.add_argument("--iodepth", type=_at_least(1), default=1, help="queue depth with --rw (default 1)")
+    bench.add_argument("--size", default="64M", type=_size, help="region the workload covers (default 64M)")
+    bench.add_argument("--runtime", type=_at_least(0.01, float), default=1.0,
+                       help="measured seconds per workload and mode")
+    bench.add_argument("--ramp", type=_at_least(0, float), default=0.2, help="warm-up seconds before measuring")
     bench.set_defaults(func=_cmd_bench_kinds)
-    bench_sub = bench.add_subparsers(dest="bench")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="KIND", help="one benchmark instead of the four kinds")
     ring = bench_sub.add_parser("ring", help="the ring against pipes and queues, two processes")
     ring.add_argument("--json", metavar="FILE", help="write the records as JSON")
     ring.add_argument("--quick", action="store_true", help="short runs (a smoke test, noisier)")
@@ -241,7 +334,39 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _logging(args.log_level)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # Our reader went away (``pvbus devices | head``): stop quietly, as
+        # a filter does, and keep the interpreter from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except BaseException as exc:  # noqa: BLE001 - the one place every error becomes a line
+        if args.debug or isinstance(exc, SystemExit):
+            raise
+        return _report(exc, f"pvbus {args.command}")
+
+
+def _report(exc: BaseException, prog: str) -> int:
+    """Print ``exc`` as one line on stderr; return the exit status."""
+    found = leaves(exc)
+    if any(isinstance(e, KeyboardInterrupt) for e in found):
+        return 130
+    known = next((e for e in found if isinstance(e, CommandError)), None)
+    if known is not None:
+        error = "error: " if known.exit_status == 2 else ""
+        print(f"{prog}: {error}{known}", file=sys.stderr)
+        return known.exit_status
+    leaf = next((e for e in found if not isinstance(e, SystemExit)), found[0])
+    if isinstance(leaf, SystemExit):
+        if not isinstance(leaf.code, int) and leaf.code is not None:
+            print(f"{prog}: {leaf.code}", file=sys.stderr)
+            return 1
+        return leaf.code or 0
+    print(f"pvbus: error: {describe(leaf)} (run with --debug for the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any
 import trio
 
 from vmbus import protocol as P
+from vmbus.config import parse_size as parse_size
 from vmbus.device import load_devices
 
 from .errors import CommandError, UsageError, describe, leaves
@@ -73,14 +74,34 @@ def check_ram(mib: int) -> int:
 
 
 def _select_devices(names: list[str] | None, config: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The named devices, or every installed one whose configuration we have."""
+    """The named devices (``NAME`` or ``NAME:key=value,...``, whose options
+    are merged into ``config``), or every installed one whose configuration
+    we have.  Each selected device's configuration is then checked against
+    what the device declares (``vmbus.config``)."""
+    from vmbus.config import ConfigError, build_config, parse_device_argument
+
     devices = load_devices()
-    if not names:
-        return {n: d for n, d in devices.items() if not d.needs_config or n in (config or {})}
-    missing = [n for n in names if n not in devices]
-    if missing:
-        raise UsageError(f"unknown device(s) {', '.join(missing)}; installed: {', '.join(sorted(devices))}")
-    return {n: devices[n] for n in names}
+    if config is None:
+        config = {}
+    try:
+        if names:
+            chosen: dict[str, Any] = {}
+            for argument in names:
+                name, options = parse_device_argument(argument)
+                if name not in devices:
+                    raise UsageError(f"unknown device {name}; installed: {', '.join(sorted(devices))}")
+                chosen[name] = devices[name]
+                if options and devices[name].config_schema is None:
+                    raise UsageError(f"device {name} takes no options (given: {', '.join(options)})")
+                if options:
+                    config[name] = {**config.get(name, {}), **options}
+        else:
+            chosen = {n: d for n, d in devices.items() if not d.needs_config or n in config}
+        for name in [n for n in config if n in chosen]:
+            config[name] = build_config(name, chosen[name].config_schema, config[name])
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return chosen
 
 
 async def _until_signal(cancel: trio.CancelScope, *,
@@ -119,20 +140,6 @@ def disk_config(path: str | None, size: str | None, read_only: bool) -> dict[str
     return {"storage": cfg}
 
 
-def parse_size(text: str) -> int:
-    """``4k``, ``64KiB``, ``1M``, ``2G`` or plain bytes; ValueError, in
-    words, for anything else or a size below one byte."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    scale = units.get(t[-1:], 1)
-    try:
-        size = int(float(t[:-1] if t[-1:] in units else t) * scale)
-    except (ValueError, OverflowError):
-        size = 0
-    if size < 1:
-        raise ValueError(f"{text!r} is not a size: give bytes, or a number with k, M, G or T (e.g. 128M)")
-    return size
-
 
 def _trapped_devices(emulated_disks: bool, config: dict[str, dict[str, Any]] | None
                      ) -> list[tuple[Any, dict[str, Any]]]:
@@ -159,6 +166,7 @@ async def host_main(socket_path: str, device_names: list[str] | None, versions: 
     from vmbus.host import HostService
     from vmbus.server import HOST_VERSIONS
 
+    config = dict(config or {})
     devices = _select_devices(device_names, config)
     for name, spec in devices.items():
         if spec.needs_config and name not in (config or {}):
@@ -242,9 +250,11 @@ async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: i
         raise CommandError(f"cannot allocate {ram_mib:,} MiB of guest RAM: {_reason(exc)} (give less with --ram)") from exc
     status = 1
     failure: CommandError | None = None
+    booted = False
     try:
         async with trio.open_nursery() as nursery:
             await kernel.boot(socket_path, nursery)
+            booted = True
             with trio.CancelScope() as program_scope:
                 await nursery.start(_until_signal, program_scope)
                 nursery.start_soon(_until_shutdown_request, kernel, program_scope)
@@ -254,7 +264,7 @@ async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: i
             await kernel.shutdown()
             nursery.cancel_scope.cancel()
     except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - each becomes one line, or goes on as it was
-        explained = _guest_failure(kernel, exc, socket_path, ram_mib, offered)
+        explained = _guest_failure(kernel, exc, socket_path, ram_mib, offered, booted)
         if explained is exc:
             raise
         raise explained from exc
@@ -291,7 +301,7 @@ async def _run_program(kernel: Any, name: str, func: Any, argv: list[str]) -> tu
 
 
 def _guest_failure(kernel: Any, exc: BaseException, socket_path: str, ram_mib: int,
-                   offered: tuple[int, ...]) -> BaseException:
+                   offered: tuple[int, ...], booted: bool) -> BaseException:
     """What to tell the user about a guest that could not go on: one line
     for each known cause, else the exception as it was."""
     from guest_kernel.memory import OutOfGuestMemory
@@ -311,7 +321,6 @@ def _guest_failure(kernel: Any, exc: BaseException, socket_path: str, ram_mib: i
             return CommandError(f"{e} ({', '.join(map(_version_name, offered))}): offer one it accepts with "
                                 "--versions, or omit --versions for all of ours")
         if isinstance(e, (BootError, HypercallFailed)):
-            booted = kernel.version is not None and all(d.state.value != "opening" for d in kernel.devices.values())
             return CommandError(f"the host refused a request: {e}" if booted else f"the guest could not boot: {e}")
         if isinstance(e, OutOfGuestMemory):
             return CommandError(f"{ram_mib} MiB of guest RAM is not enough for the host's devices ({e}): "

@@ -17,6 +17,12 @@ class ChannelRevoked(VmbusError, trio.BrokenResourceError):
     """The host rescinded the device; requests in flight and later ones fail."""
 
 
+class HostGone(ChannelRevoked):
+    """The host went away: the guest's control socket closed or failed.  It
+    takes every channel with it, so it is a revocation of them all: requests
+    in flight and later ones fail, and so does every wait for the host."""
+
+
 class RegisterAccessRefused(VmbusError):
     """An emulated device model refuses a trapped register access (a size its
     register does not have); the exit is answered INVALID_PARAMETER."""
