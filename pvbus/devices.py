@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from vmbus.config import REQUIRED, Size, option
 from vmbus.device import DeviceSpec
 from vmbus.protocols import emulated_disks as emulated
 from vmbus.protocols import echo as echo_protocol
@@ -29,6 +31,44 @@ def _lazy(path: str) -> Callable[[Any], Any]:
         return getattr(importlib.import_module(module), name)(arg)
 
     return make
+
+
+# -- configuration each device declares (``--device NAME:key=value,...``) ---
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str = option("disk image or block device (what --disk sets)", REQUIRED)
+    read_only: bool = option("offer the disk read-only", False)
+    size: Size | None = option("create a missing image at this size (an existing one is never resized)")
+    max_transfer: Size | None = option("largest request it advertises (default 1M)")
+    subchannels: int | None = option("I/O queues besides the primary channel (default 3)")
+    fast_path: bool | None = option("serve regular reads and writes in C (default yes)")
+    poll_us: int | None = option("microseconds a queue polls before sleeping (default 200)")
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    interval: float | None = option("seconds between beats (default 1)")
+    timeout: float | None = option("seconds to wait for the guest's answer")
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    timeout: float | None = option("seconds to wait for the guest's answer")
+
+
+@dataclass(frozen=True)
+class TimesyncConfig:
+    interval: float | None = option("seconds between time samples (default 5)")
+    timeout: float | None = option("seconds to wait for the guest's answer")
+
+
+@dataclass(frozen=True)
+class KvpConfig:
+    refresh: float | None = option("seconds between reads of the guest's pool (default 10)")
+    timeout: float | None = option("seconds to wait for the guest's answer")
+    values: dict[str, str] | None = option("values the host sets at start (from code; not on the command line)")
 
 
 ECHO = DeviceSpec(
@@ -48,6 +88,7 @@ STORAGE = DeviceSpec(
     ring_pages=64,
     description="SCSI disk backed by a disk image or block device (storvsc/storvsp)",
     needs_config=True,
+    config_schema=StorageConfig,
 )
 
 # The integration services: one device each, on the ICMSG framework
@@ -59,6 +100,7 @@ HEARTBEAT = DeviceSpec(
     guest=_lazy("guest_kernel.drivers.ic:HeartbeatDriver"),
     ring_pages=3,
     description="integration service: the host sees the guest alive (sequence, last seen, lost after 3 beats)",
+    config_schema=HeartbeatConfig,
 )
 
 SHUTDOWN = DeviceSpec(
@@ -68,6 +110,7 @@ SHUTDOWN = DeviceSpec(
     guest=_lazy("guest_kernel.drivers.ic:ShutdownDriver"),
     ring_pages=3,
     description="integration service: the host asks the guest to power off or reboot (pvbus shutdown)",
+    config_schema=ShutdownConfig,
 )
 
 TIMESYNC = DeviceSpec(
@@ -77,6 +120,7 @@ TIMESYNC = DeviceSpec(
     guest=_lazy("guest_kernel.drivers.ic:TimesyncDriver"),
     ring_pages=3,
     description="integration service: host clock samples; the guest's offset and corrected clock",
+    config_schema=TimesyncConfig,
 )
 
 KVP = DeviceSpec(
@@ -86,6 +130,7 @@ KVP = DeviceSpec(
     guest=_lazy("guest_kernel.drivers.ic_kvp:KvpDriver"),
     ring_pages=3,
     description="integration service: key/value pools shared by host and guest (pvbus kvp)",
+    config_schema=KvpConfig,
 )
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
@@ -99,7 +99,9 @@ class DeviceSpec:
     ring_pages: int = 16  # per direction, 4 KiB each
     description: str = ""
     needs_config: bool = False  # offered only when the host is given its configuration
-    options: dict[str, Any] = field(default_factory=dict)
+    # The options its host half takes, as a dataclass (``vmbus.config``):
+    # checked and converted before the device sees them.
+    config_schema: type | None = None
 
 
 def load_devices() -> dict[str, DeviceSpec]:

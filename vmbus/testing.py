@@ -138,20 +138,29 @@ async def open_device_pair(
         host = spec.host(config or {})
         guest = spec.guest(guest_channel)
         guest.ram = ram
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(deliver_guest_interrupts)
-            nursery.start_soon(host.serve, host_channel, memory)
-            await guest.start(nursery)
+        async def serve() -> None:
             try:
-                yield DevicePair(host, guest, host_channel, guest_channel, memory, (guest_out, guest_in),
-                                 host_bell, guest_bell)
-            finally:
-                with trio.CancelScope(shield=True):
-                    await guest.stop()
-                    guest_channel.close()
-                    host_channel.close()
-                    await host.close()
-                nursery.cancel_scope.cancel()
+                await host.serve(host_channel, memory)
+            except trio.ClosedResourceError:
+                pass  # the channel closed under it, as the host server allows too
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(deliver_guest_interrupts)
+                nursery.start_soon(serve)
+                await guest.start(nursery)
+                try:
+                    yield DevicePair(host, guest, host_channel, guest_channel, memory, (guest_out, guest_in),
+                                     host_bell, guest_bell)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await guest.stop()
+                    nursery.cancel_scope.cancel()  # then both halves' tasks end before the channels close
+        finally:
+            guest_channel.close()
+            host_channel.close()
+            with trio.CancelScope(shield=True):
+                await host.close()
     finally:
         host_bell.close()
         guest_bell.close()
