@@ -140,13 +140,13 @@ class StorvscDriver(GuestDriver):
         if self._subchannels_expected:
             with trio.move_on_after(SUBCHANNEL_WAIT):
                 await self._subchannels_ready.wait()
-        cap = await self._scsi(bytes([S.Opcode.SERVICE_ACTION_IN_16, S.READ_CAPACITY_16_ACTION]) + bytes(8)
+        cap = await self.scsi(bytes([S.Opcode.SERVICE_ACTION_IN_16, S.READ_CAPACITY_16_ACTION]) + bytes(8)
                                + struct.pack(">I", 32) + bytes(2), data_in=True, length=32)
         last_lba, self.block_size = struct.unpack_from(">QI", cap)
         for queue in self.queues:
             queue.block_size = self.block_size
         self.capacity = (last_lba + 1) * self.block_size
-        mode = await self._scsi(bytes([S.Opcode.MODE_SENSE_6, 0, 0x08, 0, 64, 0]), data_in=True, length=64)
+        mode = await self.scsi(bytes([S.Opcode.MODE_SENSE_6, 0, 0x08, 0, 64, 0]), data_in=True, length=64)
         self.read_only = bool(mode[2] & 0x80)
 
     async def add_subchannel(self, channel: Channel, nursery: Any) -> None:
@@ -170,7 +170,12 @@ class StorvscDriver(GuestDriver):
             raise BlockError(f"storage {S.Operation(op).name} failed", status=status)
         return status, reply
 
-    async def _scsi(self, cdb: bytes, *, data_in: bool, length: int) -> bytes:
+    async def scsi(self, cdb: bytes, *, data_in: bool, length: int) -> bytes:
+        """SCSI pass-through: send one command (``cdb``) to the disk and
+        return the data it moved in (``length`` bytes at most when
+        ``data_in``); a failed command raises ``BlockError`` with its sense
+        data.  For commands the block API does not cover (INQUIRY, VPD
+        pages, REPORT LUNS ...)."""
         (res,) = await self._submit_cdbs([(cdb, data_in, length, b"")])
         if res.error:
             raise res.error

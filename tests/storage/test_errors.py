@@ -35,14 +35,14 @@ def test_scsi_commands_and_errors_through_the_driver(tmp_path: Path) -> None:
 
         async def body(kernel) -> None:  # noqa: ANN001
             disk = kernel.device("storage")
-            inquiry = await disk._scsi(bytes([S.Opcode.INQUIRY, 0, 0, 0, 36, 0]), data_in=True, length=36)
+            inquiry = await disk.scsi(bytes([S.Opcode.INQUIRY, 0, 0, 0, 36, 0]), data_in=True, length=36)
             assert inquiry[0] == 0 and inquiry[8:16] == b"PVBUS   "
-            vpd = await disk._scsi(bytes([S.Opcode.INQUIRY, 1, 0xB2, 0, 8, 0]), data_in=True, length=8)
+            vpd = await disk.scsi(bytes([S.Opcode.INQUIRY, 1, 0xB2, 0, 8, 0]), data_in=True, length=8)
             assert vpd[1] == 0xB2 and vpd[5] & 0x80  # UNMAP supported
-            cap10 = await disk._scsi(bytes([S.Opcode.READ_CAPACITY_10]) + bytes(9), data_in=True, length=8)
+            cap10 = await disk.scsi(bytes([S.Opcode.READ_CAPACITY_10]) + bytes(9), data_in=True, length=8)
             assert struct.unpack(">II", cap10) == (4 * MiB // 512 - 1, 512)
-            assert await disk._scsi(bytes(6), data_in=False, length=0) == b""  # TEST UNIT READY
-            luns = await disk._scsi(bytes([S.Opcode.REPORT_LUNS, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0]),
+            assert await disk.scsi(bytes(6), data_in=False, length=0) == b""  # TEST UNIT READY
+            luns = await disk.scsi(bytes([S.Opcode.REPORT_LUNS, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0]),
                                     data_in=True, length=16)
             assert struct.unpack_from(">I", luns)[0] == 8
             with pytest.raises(BlockError) as info:
@@ -52,10 +52,10 @@ def test_scsi_commands_and_errors_through_the_driver(tmp_path: Path) -> None:
                 await disk.read(4 * MiB - 512, 1024)  # straddles the end
             assert info.value.sense == S.LBA_OUT_OF_RANGE
             with pytest.raises(BlockError) as info:
-                await disk._scsi(bytes([0xFF]) + bytes(5), data_in=False, length=0)
+                await disk.scsi(bytes([0xFF]) + bytes(5), data_in=False, length=0)
             assert info.value.sense == S.INVALID_OPCODE
             with pytest.raises(BlockError) as info:
-                await disk._scsi(bytes([S.Opcode.MODE_SENSE_6, 0, 0x1C, 0, 64, 0]), data_in=True, length=64)
+                await disk.scsi(bytes([S.Opcode.MODE_SENSE_6, 0, 0x1C, 0, 64, 0]), data_in=True, length=64)
             assert info.value.sense == S.INVALID_FIELD_IN_CDB
             with pytest.raises(ValueError):
                 await disk.read(0, 2 * MiB)  # beyond the advertised transfer: refused before sending
