@@ -172,7 +172,7 @@ class TimesyncDriver(IcDriver):
         sample = ic.parse_timesync(msg.body, self.version)
         # Both local clocks read together; the host's time now is its sample
         # plus what the reference counter says passed since it was taken.
-        reference, wall = ic.reference_time(), time.time_ns()
+        wall, reference = ic.read_clocks()
         host_now = sample.parent_time
         if sample.reference_time is not None:
             host_now += max(0, reference - sample.reference_time)

@@ -4,7 +4,7 @@ After negotiation one SYNC, then a SAMPLE every ``interval`` seconds
 (config, default 5 s), each a transaction, as OpenVMM's host does.  A
 sample is the host's wall clock in 100 ns units since 1601 (``parenttime``)
 and, read right after it, the partition reference counter
-(``vmreferencetime``: ``ic.reference_time()``), so the guest can correct
+(``vmreferencetime``, read with it by ``ic.read_clocks``), so the guest can correct
 for the time the sample spent in the ring.  ``clock`` in the config (a
 callable returning Unix nanoseconds, for embedding and tests) replaces the
 host's wall clock.
@@ -38,8 +38,8 @@ class TimesyncHost(IcHost):
 
     def sample(self, flags: int) -> bytes:
         """A sample body, both clocks read as close together as we can."""
-        parent = ic.unix_ns_to_wintime(self.clock())
-        return ic.encode_timesync(parent, ic.reference_time(), flags)
+        wall, reference = ic.read_clocks(self.clock)
+        return ic.encode_timesync(ic.unix_ns_to_wintime(wall), reference, flags)
 
     async def run(self) -> None:
         flags = ic.TIMESYNC_SYNC

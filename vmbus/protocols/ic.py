@@ -29,6 +29,7 @@ import enum
 import struct
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -319,6 +320,24 @@ def reference_time() -> int:
     monotonic clock, which the host and every guest process read alike
     (the role Hyper-V's reference TSC page plays)."""
     return time.monotonic_ns() // 100
+
+
+def read_clocks(wall_ns: Callable[[], int] = time.time_ns, tries: int = 8) -> tuple[int, int]:
+    """(wall clock in ns, reference counter) read together: the wall clock
+    between two reference reads, keeping the tightest pair of ``tries``, so a
+    preemption between the two reads (a loaded machine) does not become an
+    offset error.  The reference returned is the bracket's midpoint."""
+    best: tuple[int, int, int] | None = None
+    for _ in range(tries):
+        before = time.monotonic_ns()
+        wall = wall_ns()
+        after = time.monotonic_ns()
+        if best is None or after - before < best[0]:
+            best = (after - before, wall, (before + after) // 2 // 100)
+        if after - before < 20_000:
+            break
+    assert best is not None
+    return best[1], best[2]
 
 
 def unix_ns_to_wintime(ns: int) -> int:
