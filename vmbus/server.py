@@ -34,7 +34,7 @@ import array
 import enum
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +143,18 @@ class VmbusServer:
             )
             self.devices.append(self.channels[relid].device)
         self._next_relid = len(self.channels) + 1
+        # What each guest-to-host message does once contact is made (the
+        # rest of the protocol's messages are host-to-guest: refused).
+        self._handlers: dict[type[P.Message], Callable[[Any], None]] = {
+            P.RequestOffers: self._on_requestoffers,
+            P.GpadlHeader: self._on_gpadl_header,
+            P.GpadlBody: self._on_gpadl_body,
+            P.GpadlTeardown: self._on_gpadl_teardown,
+            P.OpenChannel: self._on_openchannel,
+            P.CloseChannel: self._on_closechannel,
+            P.RelidReleased: self._on_relid_released,
+            P.Unload: self._on_unload,
+        }
         partition.on_message = self.handle
         partition.event_port = self._event_port
         partition.on_signal = self._slow_signal
@@ -163,7 +175,7 @@ class VmbusServer:
                 raise Refused(hv.HvStatus.INVALID_PARTITION_STATE, f"{msg.TYPE.name} before contact")
             if conn_id != self.msg_conn_id:
                 raise Refused(hv.HvStatus.INVALID_CONNECTION_ID, f"message on connection id {conn_id}")
-            handler = getattr(self, f"_on_{msg.TYPE.name.lower()}", None)
+            handler = self._handlers.get(type(msg))
             if handler is None:
                 raise Refused(hv.HvStatus.INVALID_PARAMETER, f"{msg.TYPE.name} is not a guest-to-host message")
             answers = len(self.channels) + 1 if isinstance(msg, P.RequestOffers) else 1
