@@ -279,6 +279,7 @@ async def _run_program(kernel: Any, name: str, func: Any, argv: list[str]) -> tu
     """Run the guest program: its status, or what it failed with as one
     line (the kernel is shut down cleanly either way; a failure caused by
     the host going away is left to the caller, which says so)."""
+    from guest_kernel.memory import OutOfGuestMemory
     from vmbus.errors import ChannelRevoked, HostGone
 
     try:
@@ -292,7 +293,11 @@ async def _run_program(kernel: Any, name: str, func: Any, argv: list[str]) -> tu
         if usage is not None:
             return usage.exit_status, usage
         revoked = next((e for e in found if isinstance(e, ChannelRevoked)), None)
-        if revoked is not None:
+        short = next((e for e in found if isinstance(e, OutOfGuestMemory)), None)
+        if short is not None:
+            failure = CommandError(f"program {name} ran out of guest RAM ({short}): "
+                                   f"give more than {kernel.ram.size >> 20} MiB with --ram")
+        elif revoked is not None:
             failure = CommandError(f"the host removed a device program {name} was using ({revoked})")
         else:
             failure = CommandError(f"program {name} failed: {describe(found[0])}")
