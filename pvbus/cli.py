@@ -122,6 +122,30 @@ def _cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_shutdown(args: argparse.Namespace) -> int:
+    import trio
+
+    from .launch import device_command_main
+
+    return trio.run(device_command_main, args.socket, args.guest, "shutdown", "shutdown",
+                    {"reboot": args.reboot, "force": args.force})
+
+
+def _cmd_kvp(args: argparse.Namespace) -> int:
+    import trio
+
+    from .launch import device_command_main
+
+    request: dict[str, str] = {}
+    if args.pool:
+        request["pool"] = args.pool
+    if args.action != "list":
+        request["key"] = args.key
+    if args.action == "set":
+        request["value"] = args.value
+    return trio.run(device_command_main, args.socket, args.guest, "kvp", args.action, request)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import trio
 
@@ -298,6 +322,29 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="a running host's partitions, channels, rings and counters (JSON)")
     inspect.add_argument("--socket", required=True, help="AF_UNIX path the host listens on")
     inspect.set_defaults(func=_cmd_inspect)
+
+    shutdown = sub.add_parser("shutdown", help="ask a running guest to shut down cleanly (shutdown service)")
+    shutdown.add_argument("--socket", required=True, help="AF_UNIX path the host listens on")
+    shutdown.add_argument("guest", type=_at_least(1), help="the guest's partition id (pvbus inspect shows it)")
+    shutdown.add_argument("--reboot", action="store_true", help="ask for a reboot instead of a power-off")
+    shutdown.add_argument("--force", action="store_true", help="ask the guest not to wait for its programs")
+    shutdown.set_defaults(func=_cmd_shutdown)
+
+    kvp = sub.add_parser("kvp", help="read and write a running guest's key/value pools (KVP service)")
+    kvp.add_argument("--socket", required=True, help="AF_UNIX path the host listens on")
+    kvp.add_argument("--pool", help="pool: guest, external, auto, auto_external, auto_internal "
+                                    "(default: guest to read, external to write)")
+    kvp.add_argument("guest", type=_at_least(1), help="the guest's partition id (pvbus inspect shows it)")
+    actions = kvp.add_subparsers(dest="action", required=True, metavar="get|set|delete|list")
+    get = actions.add_parser("get", help="one key's value")
+    get.add_argument("key", help="the key")
+    put = actions.add_parser("set", help="set a key (the guest program can read it)")
+    put.add_argument("key", help="the key")
+    put.add_argument("value", help="the value")
+    delete = actions.add_parser("delete", help="delete a key")
+    delete.add_argument("key", help="the key")
+    actions.add_parser("list", help="every key and value of the pool")
+    kvp.set_defaults(func=_cmd_kvp)
 
     demo = sub.add_parser("ring-demo", help="two processes moving packets over a bare ring pair")
     demo.add_argument("--packets", type=_at_least(1), default=200_000, help="packets in the checked transfer")

@@ -298,7 +298,9 @@ async def _run_program(kernel: Any, name: str, func: Any, argv: list[str]) -> tu
             failure = CommandError(f"program {name} ran out of guest RAM ({short}): "
                                    f"give more than {kernel.ram.size >> 20} MiB with --ram")
         elif revoked is not None:
-            failure = CommandError(f"the host removed a device program {name} was using ({revoked})")
+            gone = sorted({d.name for d in kernel.devices.values() if d.state.value == "rescinded"})
+            failure = CommandError(f"the host removed {'device ' + ', '.join(gone) if gone else 'a device'} "
+                                   f"while program {name} used it ({revoked})")
         else:
             failure = CommandError(f"program {name} failed: {describe(found[0])}")
         failure.__cause__ = exc
@@ -386,15 +388,33 @@ async def run_main(program: str, argv: list[str], device_names: list[str] | None
                 nursery.cancel_scope.cancel()
 
 
-async def inspect_main(socket_path: str) -> int:
+async def _ask_host(socket_path: str, request: dict[str, Any]) -> dict[str, Any]:
+    """One admin request to a running host; its problems as one line."""
     from vmbus.admin import admin_request
 
     try:
-        answer = await admin_request(socket_path, {"cmd": "inspect"})
+        answer = await admin_request(socket_path, request)
     except OSError as exc:
         raise CommandError(connect_problem(socket_path, exc)) from exc
     except ValueError as exc:  # no JSON: the host stopped while answering
         raise CommandError(f"the host on {socket_path} gave no answer ({describe(exc)})") from exc
+    if not answer.get("ok", False):
+        raise CommandError(f"the host refused: {answer.get('error', 'no reason given')}")
+    return answer
+
+
+async def inspect_main(socket_path: str) -> int:
+    print(json.dumps(await _ask_host(socket_path, {"cmd": "inspect"}), indent=2))
+    return 0
+
+
+async def device_command_main(socket_path: str, partition: int, device: str, command: str,
+                              args: dict[str, Any]) -> int:
+    """``pvbus shutdown`` / ``pvbus kvp``: one command of one guest's device,
+    through the host's admin socket; prints the device's answer as JSON."""
+    answer = await _ask_host(socket_path, {"cmd": "device", "partition": partition, "device": device,
+                                           "command": command, "args": args})
+    answer.pop("ok", None)
     print(json.dumps(answer, indent=2))
     return 0
 
