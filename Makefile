@@ -69,6 +69,11 @@ sanitize: $(STAMP)
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  PYTHONPATH=$$PWD $(abspath $(PY)) -m pytest -p no:cacheprovider -q $(SANITIZE_TESTS)
 
+# The queue layer across two processes for a million requests: no lost
+# wake-up (the short run is part of make test).
+stress: $(STAMP)
+	$(PY) -m tests.queue.stress --requests 1000000
+
 # Hostile guests at full size: 500 churning guests beside four good ones, and
 # 32 storage guests at once (their small versions are part of make test).
 .PHONY: soak

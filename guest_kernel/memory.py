@@ -9,10 +9,9 @@ never handed out, so GPA 0 can mean "none".
 
 from __future__ import annotations
 
-from ring import SharedMemory, SharedWords
+from ring import PAGE_SIZE, SharedMemory, SharedWords
 
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
+PAGE_SHIFT = 12  # PAGE_SIZE is the ring's, the one page size
 DEFAULT_RAM = 256 << 20
 
 

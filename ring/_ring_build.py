@@ -6,10 +6,12 @@ package is installed and lands as ``ring._ring_c``.  ``csrc/ring.h`` is both
 the cdef and the C header, so the layout cannot drift between the two; the
 compiler, not cffi, decides every struct layout and constant value.
 
-Device fast paths (``host_drivers/storage/_storvsp_build.py``, ...) call
-``c_module`` too: each compiles ``ring.c`` into its own extension, so its C
-drives the very ``pv_ring`` handles the Python rings own (a handle crosses
-modules as an address; the struct comes from the same header).
+Device fast paths are built through ``ring.build.device_module`` (the
+public face of ``c_module``): each compiles the ring core (``ring.c`` and
+the queue layer ``queue.c``) into its own extension, so its C drives the
+very ``pv_ring`` handles the Python rings own (a handle crosses modules as
+an address; the struct comes from the same header, and
+``ring.check_device_module`` compares the two builds at import).
 """
 
 from __future__ import annotations
@@ -46,23 +48,14 @@ def c_module(name: str, headers: list[Path], sources: list[Path], include_dirs: 
     return builder
 
 
-def device_module(name: str, build_script: str, stem: str, wire_headers: list[Path]) -> FFI:
-    """A device's C fast path: ``csrc/<stem>.c`` next to ``build_script``
-    plus the ring core, with ``ring.h``, the wire-format headers and
-    ``csrc/<stem>.h`` as the cdef."""
-    csrc = Path(build_script).resolve().parent / "csrc"
-    return c_module(
-        name,
-        [RING_CSRC / "ring.h", *wire_headers, csrc / f"{stem}.h"],
-        [RING_CSRC / "ring.c", csrc / f"{stem}.c"],
-        [RING_CSRC, *{h.parent for h in wire_headers}, csrc],
-    )
-
+# The ring core every C module carries: the ring and the queue layer over it.
+CORE_HEADERS = [RING_CSRC / "ring.h", RING_CSRC / "queue.h"]
+CORE_SOURCES = [RING_CSRC / "ring.c", RING_CSRC / "queue.c"]
 
 ffibuilder = c_module(
     "ring._ring_c",
-    [RING_CSRC / "ring.h", RING_CSRC / "shmops.h"],
-    [RING_CSRC / "ring.c", RING_CSRC / "shmops.c"],
+    [*CORE_HEADERS, RING_CSRC / "shmops.h"],
+    [*CORE_SOURCES, RING_CSRC / "shmops.c"],
     [RING_CSRC],
 )
 

@@ -25,9 +25,10 @@ from typing import Any
 
 import trio
 
-from ring import IncomingRing, OutgoingRing, Packet, PacketType, RingCorrupt, RingFull
+from ring import IncomingRing, OutgoingRing, Packet, PacketType, RingFull
 
 from .errors import ChannelClosed, ChannelRevoked
+from .queue import drain
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ class Channel:
         if self._revoked_because is not None:
             return type(self._revoked_because)(str(self._revoked_because))
         return ChannelRevoked(f"channel {self.relid} was rescinded")
+
+    def check(self) -> None:
+        """Raise ChannelRevoked or ChannelClosed unless the channel is active."""
+        self._check()
 
     def _check(self) -> None:
         if self.revoked:
@@ -188,24 +193,9 @@ class Channel:
         """Call ``take`` with interrupts masked until it returns something
         truthy; in between poll (``poll_spins``), unmask, re-check and sleep.
         ``take`` reads packets itself (``_take``, or a device's C reaper) and
-        releases them with ``commit_read``."""
-        inc = self.incoming
-        while True:
-            self._check()
-            inc.mask()
-            try:
-                got = take()
-            except RingCorrupt:
-                self.stats.corrupt = True
-                raise
-            if got:
-                return got  # still masked: the next call drains before sleeping
-            if self.poll_spins and inc.poll(self.poll_spins):
-                self.polls_hit += 1
-                continue  # arrived while we spun, masked: no interrupt was spent on it
-            if inc.unmask():
-                continue  # arrived after the drain and before the unmask
-            await self.wait_interrupt()
+        releases them with ``commit_read``.  The sequence is the queue
+        layer's (``vmbus.queue.drain``)."""
+        return await drain(self, take)
 
     def close(self) -> None:
         self.closed = True

@@ -23,10 +23,9 @@ import os
 import stat
 from collections.abc import Sequence
 
-from ring import SharedMemory, SharedWords
+from ring import PAGE_SIZE, SharedMemory, SharedWords
 
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
+PAGE_SHIFT = 12  # PAGE_SIZE is the ring's, the one page size
 
 
 class GuestMemoryError(ValueError):

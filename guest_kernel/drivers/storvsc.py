@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from ring import GpaRange, Packet, PacketType, encode_gpa_direct_header
+from ring import PAGE_SIZE, GpaRange, Packet, PacketType, encode_gpa_direct_header
 from vmbus.channel import Channel
 from vmbus.device import GuestDriver
 from vmbus.errors import ChannelRevoked
@@ -38,7 +38,7 @@ from .storvsc_queue import DEFAULT_POLL_US, DiskQueue
 
 __all__ = ["BlockError", "BlockFile", "BlockRawIO", "BlockRequest", "BlockResult", "StorvscDriver"]
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 SUBCHANNEL_WAIT = 5.0
 # A queue takes requests until it has this many, or this many bytes, in
 # flight; then the next queue (and host worker) does.  8 MiB is over a
@@ -132,6 +132,7 @@ class StorvscDriver(GuestDriver):
             raise BlockError("the host accepts none of our storage protocol versions")
         _, body = await self._control(S.Operation.QUERY_PROPERTIES)
         _, max_channels, _, flags, self.max_transfer, _ = S.PROPERTIES.unpack_from(body)
+        self.max_transfer = min(self.max_transfer, S.MAX_TRANSFER)  # no more than our C path takes
         await self._control(S.Operation.END_INITIALIZATION)
         want = min(self.subchannels_wanted, max_channels) if flags & S.SUPPORTS_MULTI_CHANNEL else 0
         if want:

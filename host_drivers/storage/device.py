@@ -57,10 +57,13 @@ class _Job:
 class StorvspHost(HostDevice):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
+        self.max_transfer = int(config.get("max_transfer", DEFAULT_MAX_TRANSFER))
+        if not 0 < self.max_transfer <= S.MAX_TRANSFER or self.max_transfer % PAGE_SIZE:
+            raise ValueError(f"storage max_transfer {self.max_transfer} must be a multiple of {PAGE_SIZE} "
+                             f"from {PAGE_SIZE} to {S.MAX_TRANSFER} bytes (the most its C paths take)")
         self.disk = DiskImage(
             str(config["path"]), size=config.get("size"), read_only=bool(config.get("read_only", False))
         )
-        self.max_transfer = int(config.get("max_transfer", DEFAULT_MAX_TRANSFER))
         self.max_subchannels = int(config.get("subchannels", DEFAULT_SUBCHANNELS))
         self.errors: Counter[str] = Counter()
         # Regular reads and writes are served in C (``fastpath``) unless

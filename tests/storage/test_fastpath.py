@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -36,6 +36,16 @@ RING = 4096 + (64 << 10)
 DISK = 1 << 20
 DATA_PFN = 2 * RING // 4096  # first page after the two rings
 MAX_TRANSFER = 256 << 10
+
+
+class Reaped(NamedTuple):
+    """One completion the guest's C reaper decoded, copied out of its array."""
+
+    trans_id: int
+    type: int
+    ok: bool
+    transferred: int
+    payload: bytes
 
 
 @dataclass
@@ -80,7 +90,10 @@ class Rig:
         rc = glib.storvsc_reap(gffi.cast("pv_ring *", self.guest_in.c_address), done, 256, n)
         assert rc in (glib.PV_OK, glib.PV_EMPTY)
         self.guest_in.commit()
-        return [done[i] for i in range(n[0])]
+        # Copied out: the array is freed when this returns (cdata items of it
+        # would point into freed memory).
+        return [Reaped(c.trans_id, c.type, bool(c.ok), c.transferred, bytes(gffi.buffer(c.payload, c.payload_len)))
+                for c in (done[i] for i in range(n[0]))]
 
 
 def _rig(tmp_path: Path, *, read_only: bool = False, completion_ring: int = RING) -> Rig:
@@ -175,7 +188,7 @@ def test_host_moves_data_and_completes_byte_for_byte_like_python(rig: Rig) -> No
     request = S.SCSI_REQUEST.unpack(S.scsi_request(S.read_write_cdb(False, 40, 24), True, 3 * 4096))
     python_reply = S.packet(S.Operation.COMPLETE_IO, 0,
                             StorvspHost._srb_reply(request, S.SrbStatus.SUCCESS, 0, None, 3 * 4096))
-    assert bytes(gffi.buffer(done[2].payload, done[2].payload_len)) == python_reply
+    assert done[2].payload == python_reply
 
 
 def _raw(rig: Rig, cdb: bytes, data_in: bool, transfer: int, *, pfns: list[int] | None = None,

@@ -4,13 +4,15 @@
  * rules: the byte offset lies inside the first page, the list holds every
  * page the range touches, each PFN lies inside guest RAM, and consecutive
  * PFNs merge into one iovec.  The PFNs must already be a private copy (the
- * guest can rewrite shared memory at any time).  C-only: not a cffi cdef.
+ * guest can rewrite shared memory at any time).  C-only: not a cffi cdef;
+ * include it after ring.h, whose PV_PAGE_SIZE is the one page size.
  */
 #include <stdint.h>
 #include <sys/uio.h>
 
 #define PV_GUEST_PAGE_SHIFT 12
-#define PV_GUEST_PAGE_SIZE 4096u
+#define PV_GUEST_PAGE_SIZE ((uint32_t)PV_PAGE_SIZE)
+_Static_assert(PV_PAGE_SIZE == 1 << PV_GUEST_PAGE_SHIFT, "the page shift names PV_PAGE_SIZE");
 
 /* Fill `iov` (room for `max_iov`) for `byte_count` bytes starting
  * `byte_offset` into the first of `pfns`.  Returns the number of iovecs, or

@@ -8,6 +8,12 @@
  */
 
 #define SV_PACKET_SIZE 64
+/* The largest transfer a request may carry, and the pages its one GPA range
+ * may name (a transfer that starts inside a page touches one page more).
+ * Both C paths accept exactly this much; the host never advertises more
+ * (vmbus/protocols/storvsc.py MAX_TRANSFER, pinned to these by a test). */
+#define SV_MAX_TRANSFER 8388608
+#define SV_MAX_PAGES 2049
 #define SV_SRB_SIZE 52
 #define SV_CDB_SIZE 20              /* cdb[] doubles as sense[] on completion */
 #define SV_OP_COMPLETE_IO 1

@@ -18,10 +18,19 @@ import uuid
 from enum import IntEnum
 from typing import Final
 
+from ring import PAGE_SIZE
+
 INTERFACE_ID: Final = uuid.UUID("ba6163d9-04a1-4d29-b605-72e2ffb1dc7f")  # HV_SCSI_GUID
 
 PACKET: Final = struct.Struct("<III52s")  # operation, flags, status, union
 PACKET_SIZE: Final = 64
+# The largest transfer one request may carry, and the pages its one GPA range
+# may name (a transfer starting inside a page touches one more): exactly what
+# both C paths accept (SV_MAX_TRANSFER / SV_MAX_PAGES in vmbus/csrc/
+# storvsc_wire.h; a test pins the two).  A host never advertises more, a
+# guest never uses more than this even if a host advertises it.
+MAX_TRANSFER: Final = 8 << 20
+MAX_PAGES: Final = MAX_TRANSFER // PAGE_SIZE + 1
 REQUEST_COMPLETION_FLAG: Final = 0x1
 # vmscsi_request (Win8+, 52 bytes): length, srb_status, scsi_status, port,
 # path, target, lun, cdb_length, sense_info_length, data_in, reserved,

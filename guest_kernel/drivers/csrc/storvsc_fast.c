@@ -1,22 +1,22 @@
-/* storvsc_fast.c -- build read/write requests and parse completions.
+/* storvsc_fast.c -- build one read/write request, decode one completion.
  *
  * A request is what the Python driver builds with storvsc.scsi_request and
  * read_write_cdb (tests compare the bytes): a vstor_packet EXECUTE_SRB whose
  * SRB carries a READ 16 or WRITE 16 CDB, sent as a GPA-direct packet naming
  * `blocks * block_size` bytes from offset 0 of page `pfn` onwards.
  * Completions come from an untrusted host: only the private copy taken
- * here is parsed, and a short payload reads as zeros.
+ * here is parsed, and a short payload reads as zeros.  The batch loops are
+ * the queue layer's (pv_stage, pv_reap in ring/csrc/queue.c).
  */
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
 
 #include "ring.h"
+#include "queue.h"
 #include "storvsc_wire.h"
 #include "storvsc_fast.h"
 
-#define PAGE_SIZE 4096u
-#define MAX_PAGES 264u     /* a 1 MiB transfer and then some */
 #define SRB_TIMEOUT 60
 
 static void put_be32(uint8_t *p, uint32_t v)
@@ -47,69 +47,61 @@ static void build_request(struct sv_packet *vp, const storvsc_io *io, uint32_t t
     put_be32(srb->cdb + 10, io->blocks);
 }
 
-int storvsc_stage(pv_ring *out, uint32_t block_size, const storvsc_io *ios, uint32_t n,
-                  uint32_t *staged, uint32_t *needed)
+/* pv_builder: one request; ctx points at the block size. */
+static int build_one(void *ctx, const void *item, pv_ring *out, uint32_t *needed)
 {
+    const storvsc_io *io = item;
+    uint64_t transfer = (uint64_t)io->blocks * *(const uint32_t *)ctx;
+    uint32_t pages = (uint32_t)((transfer + PV_PAGE_SIZE - 1) / PV_PAGE_SIZE), p;
     struct {
         struct sv_gpa_head head;
-        uint64_t pfns[MAX_PAGES];
+        uint64_t pfns[SV_MAX_PAGES];
     } gpa;
     struct sv_packet vp;
     pv_iov payload = {(const uint8_t *)&vp, sizeof vp};
-    uint32_t i, p;
-    int rc = PV_OK;
 
-    *staged = 0;
-    for (i = 0; i < n; i++) {
-        const storvsc_io *io = &ios[i];
-        uint64_t transfer = (uint64_t)io->blocks * block_size;
-        uint32_t pages = (uint32_t)((transfer + PAGE_SIZE - 1) / PAGE_SIZE);
-        if (transfer == 0 || transfer > UINT32_MAX || pages > MAX_PAGES)
-            return PV_BAD_ARGUMENT;
-        build_request(&vp, io, (uint32_t)transfer);
-        gpa.head.reserved = 0;
-        gpa.head.range_count = 1;
-        gpa.head.byte_count = (uint32_t)transfer;
-        gpa.head.byte_offset = 0;
-        for (p = 0; p < pages; p++)
-            gpa.pfns[p] = io->pfn + p;
-        rc = pv_ring_write(out, PV_PKT_DATA_USING_GPA_DIRECT, PV_FLAG_COMPLETION_REQUESTED, io->trans_id,
-                           (const uint8_t *)&gpa, (uint32_t)(sizeof gpa.head + 8u * pages), &payload, 1, needed);
-        if (rc != PV_OK)
-            break;
-        (*staged)++;
-    }
-    return rc;
+    if (transfer == 0 || transfer > SV_MAX_TRANSFER)
+        return PV_BAD_ARGUMENT;
+    build_request(&vp, io, (uint32_t)transfer);
+    gpa.head.reserved = 0;
+    gpa.head.range_count = 1;
+    gpa.head.byte_count = (uint32_t)transfer;
+    gpa.head.byte_offset = 0;
+    for (p = 0; p < pages; p++)
+        gpa.pfns[p] = io->pfn + p;
+    return pv_ring_write(out, PV_PKT_DATA_USING_GPA_DIRECT, PV_FLAG_COMPLETION_REQUESTED, io->trans_id,
+                         (const uint8_t *)&gpa, (uint32_t)(sizeof gpa.head + 8u * pages), &payload, 1, needed);
+}
+
+int storvsc_stage(pv_ring *out, uint32_t block_size, const storvsc_io *ios, uint32_t n,
+                  uint32_t *staged, uint32_t *needed)
+{
+    return pv_stage(out, build_one, &block_size, ios, sizeof *ios, n, staged, needed);
+}
+
+/* pv_decoder: one completion, parsed from a private copy. */
+static int decode_one(void *ctx, pv_ring *in, const pv_packet *pkt, void *slot)
+{
+    storvsc_completion *c = slot;
+    struct sv_packet vp;
+    uint32_t len = pkt->packet_len - pkt->header_len;
+
+    (void)ctx;
+    if (len > sizeof c->payload)
+        len = sizeof c->payload;
+    memset(c->payload, 0, sizeof c->payload);
+    pv_ring_copy_out(in, pkt->ring_offset + pkt->header_len, len, c->payload);
+    memcpy(&vp, c->payload, sizeof vp);
+    c->trans_id = pkt->trans_id;
+    c->type = pkt->type;
+    c->payload_len = (uint16_t)len;
+    c->transferred = vp.srb.data_transfer_length;
+    c->ok = pkt->type == PV_PKT_COMP && len >= SV_PACKET_SIZE && vp.operation == SV_OP_COMPLETE_IO &&
+            vp.status == 0 && (vp.srb.srb_status & 0x3f) == SV_SRB_STATUS_SUCCESS && vp.srb.scsi_status == 0;
+    return 0;
 }
 
 int storvsc_reap(pv_ring *in, storvsc_completion *done, uint32_t max, uint32_t *n)
 {
-    uint32_t count = 0;
-    int rc = PV_OK;
-    while (count < max) {
-        pv_packet pkt;
-        storvsc_completion *c = &done[count];
-        struct sv_packet vp;
-        uint32_t len;
-        rc = pv_ring_next(in, &pkt);
-        if (rc != PV_OK)
-            break;
-        len = pkt.packet_len - pkt.header_len;
-        if (len > sizeof c->payload)
-            len = sizeof c->payload;
-        memset(c->payload, 0, sizeof c->payload);
-        pv_ring_copy_out(in, pkt.ring_offset + pkt.header_len, len, c->payload);
-        memcpy(&vp, c->payload, sizeof vp);
-        c->trans_id = pkt.trans_id;
-        c->type = pkt.type;
-        c->payload_len = (uint16_t)len;
-        c->transferred = vp.srb.data_transfer_length;
-        c->ok = pkt.type == PV_PKT_COMP && len >= SV_PACKET_SIZE && vp.operation == SV_OP_COMPLETE_IO &&
-                vp.status == 0 && (vp.srb.srb_status & 0x3f) == SV_SRB_STATUS_SUCCESS && vp.srb.scsi_status == 0;
-        count++;
-    }
-    *n = count;
-    if (count > 0 && rc == PV_EMPTY)
-        rc = PV_OK;
-    return rc;
+    return pv_reap(in, decode_one, NULL, done, sizeof *done, max, n);
 }

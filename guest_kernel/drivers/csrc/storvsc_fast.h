@@ -1,10 +1,10 @@
-/* storvsc_fast.h -- the guest disk driver's per-request path in C (cffi cdef too).
+/* storvsc_fast.h -- the guest disk driver's per-request C (cffi cdef too).
  *
- * storvsc_stage() writes a batch of READ/WRITE 16 requests into the
- * outgoing ring (GPA-direct, one range of consecutive pages each) without
- * publishing them; storvsc_reap() takes every completion waiting in the
- * incoming ring and parses it.  Transaction ids, waiting and everything
- * that is not a plain read or write stay in Python.
+ * Build one READ/WRITE 16 request into the outgoing ring, decode one
+ * completion from the incoming ring: the queue layer (ring/csrc/queue.c:
+ * pv_stage, pv_reap) runs them over a batch, and vmbus/queue.py owns when
+ * to publish, mask, poll and re-check.  Transaction ids, waiting and every
+ * request that is not a plain read or write stay in Python.
  */
 
 /* Field order is the order Python builds them in: cffi fills an array of
@@ -27,12 +27,13 @@ typedef struct {
     uint8_t  payload[64];  /* the vstor packet, for anything but `ok` */
 } storvsc_completion;
 
-/* Stage ios[0..n) with trans ids as given; *staged says how many went in.
- * PV_OK when all did, else the ring's reason for the next one (PV_FULL
- * with *needed, PV_TOO_LARGE, PV_CORRUPT). */
+/* Stage ios[0..n) (pv_stage with storvsc_build_one): PV_OK when all went
+ * in, else the ring's reason for the next one (PV_FULL with *needed,
+ * PV_CORRUPT), or PV_BAD_ARGUMENT for a transfer of 0 or above
+ * SV_MAX_TRANSFER bytes. */
 int storvsc_stage(pv_ring *out, uint32_t block_size, const storvsc_io *ios, uint32_t n,
                   uint32_t *staged, uint32_t *needed);
 
-/* Take up to `max` packets from `in` into `done`; *n says how many.
- * PV_OK, PV_EMPTY (none) or PV_CORRUPT.  The caller commits the read. */
+/* Take up to `max` completions (pv_reap with storvsc_decode_one); *n says
+ * how many.  PV_OK, PV_EMPTY (none) or PV_CORRUPT.  The caller commits. */
 int storvsc_reap(pv_ring *in, storvsc_completion *done, uint32_t max, uint32_t *n);

@@ -39,8 +39,9 @@
  * until all four copies were done, and the guest's resubmission then found
  * this thread idle (measured: a third of both CPUs idle at 1 MiB QD4). */
 #define PUBLISH_BYTES (256u << 10)
-#define MAX_IOV 260                      /* a 1 MiB transfer at an offset: 257 pages */
-#define PACKET_MAX (16 + 16 + 8 * 264 + SV_PACKET_SIZE + 64)
+#define MAX_IOV SV_MAX_PAGES              /* the largest transfer, starting inside a page */
+#define PACKET_MAX (PV_DESC_SIZE + sizeof(struct sv_gpa_head) + 8 * SV_MAX_PAGES + SV_PACKET_SIZE + 64)
+#define IOV_PER_CALL 1024                /* Linux's IOV_MAX: a longer list goes in several calls */
 #define COMPLETION_BYTES (PV_DESC_SIZE + SV_PACKET_SIZE + PV_TRAILER_SIZE)
 
 enum { SERVED, NOT_REGULAR, NO_ROOM };
@@ -86,8 +87,9 @@ static int decode_rw(const struct sv_srb *srb, int *write, int *fua, uint64_t *l
 static int move_all(storvsp_queue *q, int write, int fua, struct iovec *iov, int n, off_t offset)
 {
     while (n > 0) {
-        ssize_t got = write ? pwritev2(q->disk_fd, iov, n, offset, fua ? RWF_DSYNC : 0)
-                            : preadv(q->disk_fd, iov, n, offset);
+        int count = n < IOV_PER_CALL ? n : IOV_PER_CALL;
+        ssize_t got = write ? pwritev2(q->disk_fd, iov, count, offset, fua ? RWF_DSYNC : 0)
+                            : preadv(q->disk_fd, iov, count, offset);
         if (got < 0 && errno == EINTR)
             continue;
         if (got <= 0)
