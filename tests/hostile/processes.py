@@ -13,9 +13,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,10 +51,11 @@ class LoggedHost(HostProcess):
             raise AssertionError(f"the host did not exit within {STOP_TIMEOUT} s of signal {sig}") from None
 
 
-def start_host(socket_path: str | Path, log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+def start_host(socket_path: str | Path, log_path: Path, *args: str, env: dict[str, str] | None = None,
+               log_level: str = "warning") -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:
-        return subprocess.Popen([*PVBUS, "host", "--socket", str(socket_path), *args],
-                                stdout=subprocess.PIPE, stderr=log)
+        return subprocess.Popen([*PVBUS, "--log-level", log_level, "host", "--socket", str(socket_path), *args],
+                                stdout=subprocess.PIPE, stderr=log, env=env)
 
 
 def wait_ready(proc: subprocess.Popen[bytes]) -> str:
@@ -70,11 +71,12 @@ def wait_ready(proc: subprocess.Popen[bytes]) -> str:
 
 
 @contextmanager
-def logged_host(directory: Path, *args: str, name: str = "host.sock") -> Iterator[LoggedHost]:
+def logged_host(directory: Path, *args: str, name: str = "host.sock", env: dict[str, str] | None = None,
+                log_level: str = "warning") -> Iterator[LoggedHost]:
     """A ready ``pvbus host`` on ``directory/name``; stopped with SIGTERM at the end."""
     sock = directory / name
     log_path = directory / f"{name}.log"
-    proc = start_host(sock, log_path, *args)
+    proc = start_host(sock, log_path, *args, env=env, log_level=log_level)
     try:
         line = wait_ready(proc)
         assert line.startswith("ready"), f"host did not start: {line!r}\n{log_path.read_text()}"
@@ -87,6 +89,16 @@ def logged_host(directory: Path, *args: str, name: str = "host.sock") -> Iterato
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def eventually(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass (a generous deadline)."""
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @pytest.fixture

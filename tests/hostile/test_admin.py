@@ -10,8 +10,6 @@ import json
 import math
 import socket
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from vmbus import admin
 from vmbus.admin import AdminError, Inspect, Rescind, Wait, parse_request
 
 from ..bus.harness import fd_count, guest_command, run_guest
-from .processes import admin_answer, admin_exchange, logged_host
+from .processes import admin_answer, eventually, logged_host
 
 MALFORMED = [
     b"[]\n",
@@ -110,16 +108,6 @@ def test_clients_hanging_up_mid_answer_cost_nothing(tmp_path: Path) -> None:
         assert rc == 0, err
         assert "Traceback" not in host.log()
         assert host.stop() == 0
-
-
-def eventually(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
-    """Poll ``condition`` until it holds or ``seconds`` pass (a generous deadline)."""
-    end = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_admin_connections_are_bounded(tmp_path: Path) -> None:

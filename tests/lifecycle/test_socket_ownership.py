@@ -27,7 +27,6 @@ import pytest
 from ..bus.harness import run_guest
 from ..hostile.processes import (
     OTHER_UID,
-    admin_answer,
     as_user,
     logged_host,
     shared_dir,  # noqa: F401 - a fixture
@@ -82,7 +81,7 @@ def test_sockets_are_owner_only_and_other_users_are_refused(shared_dir: Path) ->
         assert seen["connect"] == 0 and seen.get("status") is None, seen  # closed before any answer
         assert host.inspect()["partitions"] == []
         log = host.log()
-        assert f"admin socket: refused pid" in log and f"(uid {OTHER_UID}, gid {OTHER_UID})" in log
+        assert "admin socket: refused pid" in log and f"(uid {OTHER_UID}, gid {OTHER_UID})" in log
         assert "guest socket: refused pid" in log
         assert "Traceback" not in log
         # The owner is served as before.
