@@ -201,6 +201,8 @@ def _reason(exc: BaseException) -> str:
 def _check_socket_directory(socket_path: str) -> None:
     """The directory a host's socket goes in must be there and writable
     (else the bind fails later with no path named)."""
+    if too_long := _socket_path_too_long(socket_path):
+        raise UsageError(too_long)
     directory = os.path.dirname(os.path.abspath(socket_path))
     if not os.path.isdir(directory):
         raise CommandError(f"cannot listen on {socket_path}: there is no directory {directory} "
@@ -318,12 +320,12 @@ def _guest_failure(kernel: Any, exc: BaseException, socket_path: str, ram_mib: i
     if kernel.host_gone:
         return CommandError(kernel.host_gone)
     for e in found:
+        if isinstance(e, OSError) and kernel.hypercalls is None:  # connecting failed
+            return CommandError(connect_problem(socket_path, e))
         if isinstance(e, CommandError):
             return e
         if isinstance(e, HostGone):
             return CommandError(str(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.EACCES, errno.ENOTDIR):
-            return CommandError(connect_problem(socket_path, e))
         if isinstance(e, BootError) and "versions" in str(e):
             return CommandError(f"{e} ({', '.join(map(_version_name, offered))}): offer one it accepts with "
                                 "--versions, or omit --versions for all of ours")
@@ -335,8 +337,22 @@ def _guest_failure(kernel: Any, exc: BaseException, socket_path: str, ram_mib: i
     return exc
 
 
+HOST_START_TIMEOUT = 30.0  # seconds for ``run``'s host to say ready (generous: a loaded machine)
+UNIX_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path), the terminating NUL included (unix(7))
+
+
+def _socket_path_too_long(socket_path: str) -> str | None:
+    size = len(os.fsencode(socket_path))
+    if size < UNIX_PATH_MAX:
+        return None
+    return (f"the socket path {socket_path} is {size} bytes; an AF_UNIX path has at most {UNIX_PATH_MAX - 1}: "
+            "choose a shorter one")
+
+
 def connect_problem(socket_path: str, exc: OSError) -> str:
     """Why connecting to a host's socket failed, and what to do, in words."""
+    if too_long := _socket_path_too_long(socket_path):
+        return too_long
     start = f"start one with 'pvbus host --socket {socket_path}'"
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return f"no host socket at {socket_path}: {start}"
@@ -365,7 +381,7 @@ async def run_main(program: str, argv: list[str], device_names: list[str] | None
             try:
                 assert host.stdout is not None
                 line = b""
-                with trio.fail_after(30):
+                with trio.move_on_after(HOST_START_TIMEOUT):
                     while not line.endswith(b"\n"):
                         chunk = await host.stdout.receive_some(1)
                         if not chunk:
@@ -374,6 +390,8 @@ async def run_main(program: str, argv: list[str], device_names: list[str] | None
                                 return code  # it said why, on stderr
                             raise CommandError(f"the host exited before it was ready (status {code})")
                         line += chunk
+                if not line.endswith(b"\n"):
+                    raise CommandError(f"the host did not say it was ready within {HOST_START_TIMEOUT:.0f} s")
                 guest_cmd = [*pvbus, "guest", "--socket", sock, "--ram", str(ram_mib),
                              "--program", program, "--", *argv]
                 guest = await trio.run_process(guest_cmd, check=False)

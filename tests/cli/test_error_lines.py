@@ -43,6 +43,8 @@ CASES = [
      ["/missing/dir/h.sock", "no directory /missing/dir"]),
     ("guest on a missing socket", ["guest", "--socket", "nonexistent.sock"], 1,
      ["no host socket at nonexistent.sock", "pvbus host --socket nonexistent.sock"]),
+    ("host socket path too long", ["host", "--socket", "s" * 120], 2, ["is 120 bytes", "at most 107"]),
+    ("guest socket path too long", ["guest", "--socket", "s" * 120], 1, ["is 120 bytes", "at most 107"]),
     ("guest on a stale socket", ["guest", "--socket", "stale.sock"], 1,
      ["no host is listening on stale.sock", "pvbus host --socket stale.sock"]),
     ("inspect on a missing socket", ["inspect", "--socket", "nonexistent.sock"], 1,

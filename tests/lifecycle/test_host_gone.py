@@ -98,15 +98,15 @@ def _working(proc: subprocess.Popen[bytes], key: str) -> None:
 
 
 @contextmanager
-def _guests_under_load(host_socket: str, tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Two echo-load guests, one writing and reading its disk (a program
-    imported from the working directory), one idle; all busy or booted."""
+def _guests_under_load(host_socket: str, tmp_path: Path, echo_guests: int = 2) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``echo_guests`` echo-load guests, one writing and reading its disk (a
+    program imported from the working directory), one idle; all busy or booted."""
     (tmp_path / "diskloop.py").write_text(DISK_LOOP)
-    guests = [_guest(host_socket, "echo-load", "4", cwd=tmp_path) for _ in range(2)]
+    guests = [_guest(host_socket, "echo-load", "4", cwd=tmp_path) for _ in range(echo_guests)]
     guests.append(_guest(host_socket, "diskloop:main", cwd=tmp_path))
     guests.append(_guest(host_socket, "idle", cwd=tmp_path))
     try:
-        for proc, key in zip(guests, ["echoes", "echoes", "ios"]):
+        for proc, key in zip(guests, ["echoes"] * echo_guests + ["ios"]):
             _working(proc, key)
         idle = guests[-1]
         assert idle.stdout is not None and json.loads(idle.stdout.readline())["booted"]
@@ -151,17 +151,21 @@ def test_guests_stop_when_their_host_is_stopped(tmp_path: Path) -> None:
     """SIGTERM (a host stopping on purpose): however it takes leave (rescinds,
     then closes), every guest stops with one line and a failure status."""
     with _host(tmp_path, "--disk", str(tmp_path / "disk.img"), "--disk-size", "16M") as (host, sock):
-        with _guests_under_load(sock, tmp_path) as guests:
+        with _guests_under_load(sock, tmp_path, echo_guests=1) as guests:
             host.send_signal(signal.SIGTERM)
-            _each_says_one_line(guests, "the host went away", "the host removed")
+            lines = _each_says_one_line(guests, "the host went away", "the host removed")
         assert host.wait(timeout=30) == 0
+    # the busy ones saw their device go; the idle one, whose program used none, saw the host go
+    assert lines[0] == ("pvbus guest: the host removed device echo while program echo-load used it "
+                        "(channel 1 was rescinded)") or "the host went away" in lines[0]
+    assert lines[-1] == "pvbus guest: the host went away (it closed the control socket)"
 
 
 def test_every_device_rescinded_then_host_killed(tmp_path: Path) -> None:
     """The host rescinds every device of every guest, then dies: each guest
     stops with one line and a failure status."""
     with _host(tmp_path, "--disk", str(tmp_path / "disk.img"), "--disk-size", "16M") as (host, sock):
-        with _guests_under_load(sock, tmp_path) as guests:
+        with _guests_under_load(sock, tmp_path, echo_guests=1) as guests:
             snapshot = _admin(sock, {"cmd": "inspect"})
             for part in snapshot["partitions"]:  # type: ignore[union-attr]
                 rescinded = set()
