@@ -41,6 +41,12 @@ class HostProcess:
 
         return trio.run(admin_request, self.socket, request)
 
+    def settled(self, partitions: int = 0) -> dict[str, Any]:
+        """The host's snapshot once exactly ``partitions`` guests remain (the
+        host notices a guest's exit on its own schedule; up to 30 s)."""
+        assert self.admin({"cmd": "wait", "partitions": partitions})["ok"], "guests were not released"
+        return self.inspect()
+
 
 @contextmanager
 def host_process(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[HostProcess]:

@@ -21,8 +21,7 @@ def test_boot_echo_and_clean_shutdown(tmp_path: Path) -> None:
         # the host may still be releasing the previous one, so fewer is normal
         # and the count depends on scheduling.  Never more than one per request.
         assert 1 <= report["exits"].get("signal_event", 0) <= 300
-        after = host.inspect()
-        assert after["partitions"] == []  # everything of the guest released
+        assert host.settled()["partitions"] == []  # everything of the guest released
 
 
 @pytest.mark.parametrize(
@@ -42,7 +41,7 @@ def test_no_common_version_fails_cleanly(tmp_path: Path) -> None:
     with host_process(tmp_path, "--versions", "5.3") as host:
         rc, out, err = run_guest(host, "echo-demo", "5", versions="5.2,5.1")
         assert rc != 0 and "none of our VMBus versions" in err
-        assert host.inspect()["partitions"] == []
+        assert host.settled()["partitions"] == []
 
 
 def test_eight_guests_at_once(tmp_path: Path) -> None:
@@ -53,7 +52,7 @@ def test_eight_guests_at_once(tmp_path: Path) -> None:
                                   stderr=subprocess.PIPE) for _ in range(8)]
         results = [p.communicate(timeout=120) for p in procs]
         assert [p.returncode for p in procs] == [0] * 8, [r[1][-500:] for r in results]
-        assert host.inspect()["partitions"] == []
+        assert host.settled()["partitions"] == []
 
 
 def test_pvbus_run_pairs_host_and_guest() -> None:

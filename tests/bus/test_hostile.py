@@ -173,7 +173,7 @@ def test_connect_must_come_first_with_sealed_ram(tmp_path: Path) -> None:
             return statuses
 
         assert trio.run(attempts) == [S.INVALID_PARAMETER, S.INVALID_PARAMETER]
-        snap = host.inspect()
+        snap = host.settled()
         assert snap["rejected_connects"] == 2 and snap["partitions"] == []
 
 
@@ -220,5 +220,4 @@ SPEC = DeviceSpec("broken", uuid.UUID("9a1f3c2e-5b7d-4e6f-8a9b-0c1d2e3f4a5b"), B
         run_in_guest(host.socket, body, ram_mib=16)
         rc, out, err = run_guest(host, "echo-demo", "20", env=env_with(site))
         assert rc == 0, err
-        snap = host.inspect()
-        assert snap["partitions"] == []
+        assert host.settled()["partitions"] == []

