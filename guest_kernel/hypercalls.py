@@ -151,7 +151,8 @@ class Hypercalls:
     async def io(self, address: int, size: int, *, write: bool = False, value: int = 0) -> int:
         """One trapped register access (port or MMIO): an exit and a round trip.
         Returns the value read (for a write, what the device echoes)."""
-        reply, fds = await self._roundtrip("io", KIND.pack(ExitKind.IO) + IO_BODY.pack(address, size, int(write), 0, value))
+        request = KIND.pack(ExitKind.IO) + IO_BODY.pack(address, size, int(write), 0, value)
+        reply, fds = await self._roundtrip("io", request)
         if len(reply) != IO_REPLY.size:
             raise self._malformed("io", reply, fds)
         status, result = IO_REPLY.unpack(reply)

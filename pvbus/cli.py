@@ -335,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     kvp.add_argument("--pool", help="pool: guest, external, auto, auto_external, auto_internal "
                                     "(default: guest to read, external to write)")
     kvp.add_argument("guest", type=_at_least(1), help="the guest's partition id (pvbus inspect shows it)")
-    actions = kvp.add_subparsers(dest="action", required=True, metavar="get|set|delete|list")
+    actions = kvp.add_subparsers(dest="action", required=True, metavar="get|set|delete|list",
+                                 help="what to do with the pool")
     get = actions.add_parser("get", help="one key's value")
     get.add_argument("key", help="the key")
     put = actions.add_parser("set", help="set a key (the guest program can read it)")

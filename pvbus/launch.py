@@ -227,7 +227,8 @@ def check_disk(config: dict[str, Any]) -> None:
     try:
         disk = DiskImage(path, size=config.get("size"), read_only=bool(config.get("read_only")))
     except OSError as exc:
-        hint = " (or offer it with --read-only)" if isinstance(exc, PermissionError) and not config.get("read_only") else ""
+        writing = isinstance(exc, PermissionError) and not config.get("read_only")
+        hint = " (or offer it with --read-only)" if writing else ""
         raise CommandError(f"cannot open disk {path}: {_reason(exc)}{hint}") from exc
     try:
         mode = os.fstat(disk.fd).st_mode
@@ -239,17 +240,25 @@ def check_disk(config: dict[str, Any]) -> None:
         disk.close()
 
 
-async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: int, versions: str | None) -> int:
+async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: int, versions: str | None,
+                     exec_argv: list[str] | None = None, mounts: list[str] | None = None) -> int:
+    """Boot a guest and run ``program`` in it, or with ``exec_argv`` a real
+    program in the guest's namespaces, its disks mounted as ``mounts`` say
+    (``guest_kernel.presenters.command``)."""
     from guest_kernel.kernel import GuestKernel
 
     from .programs import resolve
 
-    func = resolve(program)
+    if exec_argv is not None:
+        func, program = exec_program(exec_argv, mounts or []), exec_argv[0] if exec_argv else "--exec"
+    else:
+        func = resolve(program)
     offered = parse_versions(versions) or P.GUEST_VERSIONS
     try:
         kernel = GuestKernel(load_devices(), ram_size=ram_mib << 20, versions=offered)
     except (OSError, MemoryError) as exc:
-        raise CommandError(f"cannot allocate {ram_mib:,} MiB of guest RAM: {_reason(exc)} (give less with --ram)") from exc
+        raise CommandError(f"cannot allocate {ram_mib:,} MiB of guest RAM: {_reason(exc)} "
+                           "(give less with --ram)") from exc
     status = 1
     failure: CommandError | None = None
     booted = False
@@ -258,7 +267,8 @@ async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: i
             await kernel.boot(socket_path, nursery)
             booted = True
             with trio.CancelScope() as program_scope:
-                await nursery.start(_until_signal, program_scope)
+                if exec_argv is None:  # a real program gets the signals itself (relayed)
+                    await nursery.start(_until_signal, program_scope)
                 nursery.start_soon(_until_shutdown_request, kernel, program_scope)
                 status, failure = await _run_program(kernel, program, func, argv)
             if program_scope.cancelled_caught:
@@ -275,6 +285,28 @@ async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: i
     if failure is not None:
         raise failure
     return status
+
+
+def exec_program(argv: list[str], mounts: list[str]) -> Any:
+    """``--exec -- CMD ARGS...`` as a guest program: CMD run in the guest's
+    namespaces with its disks presented and ``mounts`` (``disk0:/mnt[:ext4]``)
+    mounted; its problems as one ``CommandError`` line."""
+    from guest_kernel.presenters.command import CommandFailed, MountRequest, run_command
+
+    try:
+        requests = [MountRequest.parse(text) for text in mounts]
+    except ValueError as exc:
+        raise UsageError(f"--mount {exc}") from None
+    if not argv:
+        raise UsageError("--exec needs a command after --, e.g. --exec -- sh -c 'echo hello'")
+
+    async def program(kernel: Any, _argv: list[str]) -> int:
+        try:
+            return await run_command(kernel, argv, requests)
+        except CommandFailed as exc:
+            raise CommandError(str(exc)) from exc
+
+    return program
 
 
 async def _run_program(kernel: Any, name: str, func: Any, argv: list[str]) -> tuple[int, CommandError | None]:
@@ -364,12 +396,20 @@ def connect_problem(socket_path: str, exc: OSError) -> str:
 
 
 async def run_main(program: str, argv: list[str], device_names: list[str] | None, ram_mib: int,
-                   host_args: list[str] | None = None, pvbus_options: list[str] | None = None) -> int:
-    """Start a host and a guest as a pair; return the guest program's status.
-    ``pvbus_options`` (``--debug``, ``--log-level``) go to both."""
+                   host_args: list[str] | None = None, pvbus_options: list[str] | None = None,
+                   exec_mode: bool = False, mounts: list[str] | None = None) -> int:
+    """Start a host and a guest as a pair; return the guest program's status
+    (with ``exec_mode``: ``argv`` is a real program run in the guest, its
+    disks mounted as ``mounts`` say).  ``pvbus_options`` (``--debug``,
+    ``--log-level``) go to both."""
     from .programs import resolve
 
-    resolve(program)  # a program that cannot run is refused before anything starts
+    if exec_mode:
+        exec_program(argv, mounts or [])  # a bad --mount or no command: refused before anything starts
+        guest_args = ["--exec", *(f"--mount={m}" for m in mounts or [])]
+    else:
+        resolve(program)  # a program that cannot run is refused before anything starts
+        guest_args = ["--program", program]
     pvbus = [sys.executable, "-m", "pvbus", *(pvbus_options or [])]
     with tempfile.TemporaryDirectory(prefix="pvbus-") as tmp:
         sock = os.path.join(tmp, "host.sock")
@@ -392,8 +432,7 @@ async def run_main(program: str, argv: list[str], device_names: list[str] | None
                         line += chunk
                 if not line.endswith(b"\n"):
                     raise CommandError(f"the host did not say it was ready within {HOST_START_TIMEOUT:.0f} s")
-                guest_cmd = [*pvbus, "guest", "--socket", sock, "--ram", str(ram_mib),
-                             "--program", program, "--", *argv]
+                guest_cmd = [*pvbus, "guest", "--socket", sock, "--ram", str(ram_mib), *guest_args, "--", *argv]
                 guest = await trio.run_process(guest_cmd, check=False)
                 return guest.returncode
             finally:

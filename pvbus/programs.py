@@ -114,7 +114,7 @@ def resolve(name: str) -> Program:
         found = sorted(n for n, v in vars(module).items() if not n.startswith("_") and inspect.iscoroutinefunction(v))
         there = f"its async functions: {', '.join(found)}" if found else "it defines no async function"
         raise UsageError(f"module {module_name} has no {func_name!r} ({there})")
-    if not (inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))):
+    if not (inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)):
         raise UsageError(f"{name} is not an async function: a guest program is "
                          "'async def program(kernel, argv) -> int'")
     return func  # type: ignore[no-any-return]

@@ -24,7 +24,8 @@ def _main(monkeypatch: pytest.MonkeyPatch, raised: BaseException, *options: str)
     return cli.main([*options, "inspect", "--socket", "s"])
 
 
-def test_an_exception_group_reads_as_its_leaves(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_exception_group_reads_as_its_leaves(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     group = ExceptionGroup("trio", [ExceptionGroup("inner", [ValueError("the real problem")])])
     assert _main(monkeypatch, group) == 1
     err = capsys.readouterr().err

@@ -63,7 +63,8 @@ async def main(kernel, argv):
 
 
 @contextmanager
-def _host(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def _host(tmp_path: Path, *args: str,
+          env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A ``pvbus host`` the test may kill; whatever is left of it is killed after."""
     sock = str(tmp_path / "host.sock")
     proc = subprocess.Popen([*PVBUS, "host", "--socket", sock, *args], stdout=subprocess.PIPE, env=env)
@@ -98,7 +99,8 @@ def _working(proc: subprocess.Popen[bytes], key: str) -> None:
 
 
 @contextmanager
-def _guests_under_load(host_socket: str, tmp_path: Path, echo_guests: int = 2) -> Iterator[list[subprocess.Popen[bytes]]]:
+def _guests_under_load(host_socket: str, tmp_path: Path,
+                       echo_guests: int = 2) -> Iterator[list[subprocess.Popen[bytes]]]:
     """``echo_guests`` echo-load guests, one writing and reading its disk (a
     program imported from the working directory), one idle; all busy or booted."""
     (tmp_path / "diskloop.py").write_text(DISK_LOOP)
@@ -106,7 +108,7 @@ def _guests_under_load(host_socket: str, tmp_path: Path, echo_guests: int = 2) -
     guests.append(_guest(host_socket, "diskloop:main", cwd=tmp_path))
     guests.append(_guest(host_socket, "idle", cwd=tmp_path))
     try:
-        for proc, key in zip(guests, ["echoes"] * echo_guests + ["ios"]):
+        for proc, key in zip(guests[:-1], ["echoes"] * echo_guests + ["ios"], strict=True):
             _working(proc, key)
         idle = guests[-1]
         assert idle.stdout is not None and json.loads(idle.stdout.readline())["booted"]
