@@ -180,8 +180,8 @@ class VmbusServer:
                 raise Refused(hv.HvStatus.INVALID_PARAMETER, f"{msg.TYPE.name} is not a guest-to-host message")
             answers = len(self.channels) + 1 if isinstance(msg, P.RequestOffers) else 1
             if not self.partition.message_room(answers):
-                raise Refused(hv.HvStatus.INSUFFICIENT_BUFFERS,
-                              f"{self.limits.queued_messages} messages queued for the guest (the cap); consume them first")
+                raise Refused(hv.HvStatus.INSUFFICIENT_BUFFERS, f"{self.limits.queued_messages} messages "
+                              "queued for the guest (the cap); consume them first")
             handler(msg)
             return hv.HvStatus.SUCCESS
         except Refused as exc:

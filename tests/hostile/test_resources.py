@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from guest_kernel.kernel import GuestKernel
+from ring import SharedMemory
 from vmbus import hv
 from vmbus import protocol as P
 from vmbus.device import load_devices
@@ -24,7 +25,6 @@ from vmbus.host import admin_request
 from vmbus.hypervisor import Partition
 from vmbus.limits import Budget, Limits
 from vmbus.server import VmbusServer
-from ring import SharedMemory
 
 from ..bus.harness import RawGuest, host_process
 from .guests import BLOCK, Census, fds_pointing_at, offer_of, pattern
@@ -48,7 +48,8 @@ def test_rescinded_storage_device_closes_its_image(tmp_path: Path) -> None:
                     assert fds_pointing_at(pid, str(image)) == 1
                     snap = await admin_request(host.socket, {"cmd": "inspect"})
                     part = snap["partitions"][0]
-                    relid = next(c["relid"] for c in part["channels"] if c["device"] == "storage" and not c["sub_channel"])
+                    relid = next(c["relid"] for c in part["channels"]
+                                 if c["device"] == "storage" and not c["sub_channel"])
                     assert (await admin_request(host.socket, {"cmd": "rescind", "partition": part["id"],
                                                                "relid": relid}))["ok"]
                     with trio.fail_after(30):  # the guest releases the relids; the host closes the image
@@ -192,8 +193,9 @@ class Rig:
     def __init__(self, nursery: trio.Nursery, budget: Budget, ram_pages: int = 256) -> None:
         self.ram = SharedMemory.create(ram_pages * PAGE_SIZE)
         sock, self._peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.partition = Partition(1, trio.socket.from_stdlib_socket(sock), GuestMemory(os.dup(self.ram.fd), ram_pages * PAGE_SIZE),
-                                   os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC), budget)
+        memory = GuestMemory(os.dup(self.ram.fd), ram_pages * PAGE_SIZE)
+        sint = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # the partition's from here on
+        self.partition = Partition(1, trio.socket.from_stdlib_socket(sock), memory, sint, budget)
         self.server = VmbusServer(self.partition, [load_devices()["echo"]], nursery)
         assert self.post(P.InitiateContact(P.Version.WIN10_V5_3, 0, 2, 0, 0), conn=4) == S.SUCCESS
         self.relid = 1
