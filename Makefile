@@ -14,6 +14,8 @@ $(STAMP): $(SOURCES) | system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e '.[programs]' || \
+	  echo "note: pyfuse3 (the programs extra, built against libfuse3-dev) could not be installed; --exec shows no disk files and its tests skip"
 	touch $@
 
 # Debian tools the tests use, tolerant of failure (a test needing a missing
@@ -23,6 +25,11 @@ system-packages:
 	@test -x /usr/sbin/fsck.fat || test -x /sbin/fsck.fat || \
 	  { apt-get install -y -q dosfstools || { apt-get update -q && apt-get install -y -q dosfstools; }; } >/dev/null 2>&1 || \
 	  echo "note: dosfstools (fsck.fat) could not be installed; the test that needs it will skip"
+	@# Real programs in a guest (--exec): FUSE (fuse3, libfuse3-dev and pkg-config to build pyfuse3), fio.
+	@{ test -x /usr/bin/fusermount3 && test -x /usr/bin/fio && pkg-config --exists fuse3; } 2>/dev/null || \
+	  { apt-get install -y -q fuse3 libfuse3-dev fio pkg-config || \
+	    { apt-get update -q && apt-get install -y -q fuse3 libfuse3-dev fio pkg-config; }; } >/dev/null 2>&1 || \
+	  echo "note: fuse3, libfuse3-dev, fio or pkg-config could not be installed; the tests that need them will skip"
 
 install: $(STAMP)
 

@@ -65,7 +65,9 @@ def _cmd_guest(args: argparse.Namespace) -> int:
 
     from .launch import guest_main
 
-    return trio.run(guest_main, args.socket, args.program, args.args, args.ram, args.versions)
+    _check_exec(args)
+    return trio.run(guest_main, args.socket, args.program, args.args, args.ram, args.versions,
+                    args.args if args.exec else None, args.mount)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -73,14 +75,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from .launch import run_main, storage_demo
 
-    if args.program is None:
+    _check_exec(args)
+    if args.program is None and not args.exec:
         return storage_demo(args.disk, args.disk_size, args.writable)
     host_args = ["--disk", args.disk] if args.disk else []
     if args.disk_size:
         host_args += ["--disk-size", args.disk_size]
     if args.disk and os.path.lexists(args.disk) and not args.writable:
         host_args.append("--read-only")  # the user's existing disk: written only when they say so
-    return trio.run(run_main, args.program, args.args, args.device, args.ram, host_args, _pvbus_options(args))
+    return trio.run(run_main, args.program, args.args, args.device, args.ram, host_args, _pvbus_options(args),
+                    args.exec, args.mount)
 
 
 def _cmd_bench_report(args: argparse.Namespace) -> int:
@@ -268,6 +272,23 @@ def _disk_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-only", action="store_true", help="offer the disk read-only")
 
 
+def _check_exec(args: argparse.Namespace) -> None:
+    from .errors import UsageError
+
+    if args.mount and not args.exec:
+        raise UsageError("--mount is for --exec (a real program in the guest): add --exec -- CMD")
+
+
+def _exec_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--exec", action="store_true",
+                        help="run a real program in the guest instead: the command after -- (e.g. --exec -- sh -c "
+                             "'mkfs.ext4 -q /dev/pvbus/disk0'), in the guest's own namespaces, each disk a file "
+                             "/dev/pvbus/diskN; the guest exits with its status (needs root, FUSE, loop devices)")
+    parser.add_argument("--mount", action="append", default=[], metavar="DISK:DIR[:TYPE]",
+                        help="with --exec: mount a disk in the guest before the command runs, through a loop device "
+                             "(e.g. disk0:/mnt:ext4; repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pvbus", description="Paravirtual I/O over VMBus-format rings.")
     parser.add_argument("--version", action="version", version=f"pvbus {__version__}")
@@ -298,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     guest.add_argument("--versions", type=_versions,
                        help="VMBus versions to offer, newest first (default 5.3 down to 3.0)")
     guest.add_argument("args", nargs="*", help="arguments for the guest program (after --)")
+    _exec_arguments(guest)
     guest.set_defaults(func=_cmd_guest)
 
     run = sub.add_parser("run", help="a host and a guest as a pair; default: the storage demo on a generated image")
@@ -314,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--writable", action="store_true",
                      help="let the guest (and the demo's write workloads) write to an existing --disk")
     run.add_argument("args", nargs="*", help="arguments for the guest program (after --)")
+    _exec_arguments(run)
     run.set_defaults(func=_cmd_run)
 
     devices = sub.add_parser("devices", help="installed devices and the options each takes (--device NAME:KEY=VALUE)")

@@ -433,7 +433,7 @@ async def run_main(program: str, argv: list[str], device_names: list[str] | None
                 if not line.endswith(b"\n"):
                     raise CommandError(f"the host did not say it was ready within {HOST_START_TIMEOUT:.0f} s")
                 guest_cmd = [*pvbus, "guest", "--socket", sock, "--ram", str(ram_mib), *guest_args, "--", *argv]
-                guest = await trio.run_process(guest_cmd, check=False)
+                guest = await trio.run_process(guest_cmd, check=False, stdin=None if exec_mode else b"")
                 return guest.returncode
             finally:
                 host.send_signal(signal.SIGTERM)
