@@ -383,7 +383,8 @@ class GuestKernel:
                     raise ChannelRevoked(f"device {name} was removed by the host")
                 if dev.state is DeviceState.OPEN:
                     return dev.driver
-        raise LookupError(f"no open device {name!r}")
+        open_ = sorted(d.name for d in self.devices.values() if d.state is DeviceState.OPEN and d.primary is None)
+        raise LookupError(f"the host offers no device {name!r} (open: {', '.join(open_) or 'none'})")
 
     async def close_device(self, dev: GuestDevice) -> None:
         for sub in dev.subchannels:  # sub-channels close before their primary (as Linux)

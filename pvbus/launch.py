@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -215,8 +216,6 @@ def check_disk(config: dict[str, Any]) -> None:
     """Open the storage device's disk as its backend will (creating a
     missing image only when given a size), so a host refuses a disk it
     could not serve before it says ``ready``, not when a guest connects."""
-    import stat
-
     from host_drivers.storage.backend import DiskImage
 
     path = str(config["path"])
@@ -389,6 +388,8 @@ def connect_problem(socket_path: str, exc: OSError) -> str:
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return f"no host socket at {socket_path}: {start}"
     if exc.errno == errno.ECONNREFUSED:
+        if os.path.exists(socket_path) and not stat.S_ISSOCK(os.stat(socket_path).st_mode):
+            return f"{socket_path} is not a socket: give the path the host was started with (pvbus host --socket)"
         return f"no host is listening on {socket_path} (the file is left from one that stopped): {start}"
     if exc.errno == errno.EACCES:
         return f"cannot connect to {socket_path}: permission denied"

@@ -47,6 +47,8 @@ CASES = [
     ("guest socket path too long", ["guest", "--socket", "s" * 120], 1, ["is 120 bytes", "at most 107"]),
     ("guest on a stale socket", ["guest", "--socket", "stale.sock"], 1,
      ["no host is listening on stale.sock", "pvbus host --socket stale.sock"]),
+    ("guest on a file that is not a socket", ["guest", "--socket", "empty.img"], 1,
+     ["empty.img is not a socket", "pvbus host --socket"]),
     ("inspect on a missing socket", ["inspect", "--socket", "nonexistent.sock"], 1,
      ["no host socket at nonexistent.sock"]),
     ("inspect on a stale socket", ["inspect", "--socket", "stale.sock"], 1,
@@ -219,3 +221,11 @@ def test_a_host_that_stops_before_ready_is_one_line_in_run(workdir: Path) -> Non
     """``pvbus run`` whose host refuses its disk: the host's line, nothing more."""
     res = run_pvbus(["run", "--program", "echo-demo", "--device", "storage", "--disk", "adir"], workdir)
     assert_one_line(res, 1, ["disk adir is a directory"])
+
+
+def test_a_program_asking_for_a_device_the_host_does_not_offer(workdir: Path) -> None:
+    """echo-demo against a host offering only its disk: the line says which
+    device is missing and which are there."""
+    res = run_pvbus(["run", "--program", "echo-demo", "--device", "storage", "--disk", "d.img",
+                     "--disk-size", "4M"], workdir)
+    assert_one_line(res, 1, ["program echo-demo failed", "no device 'echo'", "open: storage"])
