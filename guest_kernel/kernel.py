@@ -29,6 +29,7 @@ import enum
 import itertools
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,7 @@ class GuestDevice:
     scope: trio.CancelScope | None = None
     primary: GuestDevice | None = None  # set on sub-channels
     subchannels: list[GuestDevice] = field(default_factory=list)
+    claimed: bool = False  # offered at run time and claimed by the primary's driver
 
     @property
     def relid(self) -> int:
@@ -147,6 +149,8 @@ class GuestKernel:
                     dev.primary = primary
                     primary.subchannels.append(dev)
                     self._nursery.start_soon(self._open_subchannel, dev)
+            elif dev.spec is None and self._all_offers.is_set():
+                self._offer_to_drivers(dev)
             return
         elif isinstance(msg, P.AllOffersDelivered):
             self._all_offers.set()
@@ -295,15 +299,7 @@ class GuestKernel:
         # Both ring headers are initialised before OPENCHANNEL (as Linux does).
         outgoing = OutgoingRing(rings, 0, send_len, format=True)
         incoming = IncomingRing(rings, send_len, len(rings) - send_len, format=True)
-        dev.gpadl = next(self._gpadl_ids)
-        pfns = list(range(dev.ring_pfn, dev.ring_pfn + dev.ring_pages))
-        slot = self._expect("gpadl", dev.gpadl)
-        for msg in P.gpadl_messages(dev.relid, dev.gpadl, pfns, dev.ring_pages << PAGE_SHIFT):
-            await self._post_ok(msg)
-        created = await self._await(("gpadl", dev.gpadl), slot)
-        assert isinstance(created, P.GpadlCreated)
-        if created.creation_status != P.STATUS_SUCCESS:
-            raise BootError(f"GPADL for {dev.name} refused ({created.creation_status:#x})")
+        dev.gpadl = await self.create_gpadl(dev, list(range(dev.ring_pfn, dev.ring_pfn + dev.ring_pages)))
         slot = self._expect("open", dev.relid)
         await self._post_ok(P.OpenChannel(dev.relid, dev.relid, dev.gpadl, 0, per_ring))
         result = await self._await(("open", dev.relid), slot)
@@ -318,6 +314,8 @@ class GuestKernel:
 
         dev.channel = Channel(dev.relid, outgoing, incoming, lambda: hypercalls.signal_event(dev.event_fd), wait)
         dev.channel.sub_index = dev.offer.sub_channel_index
+        dev.channel.create_gpadl = lambda pfns: self.create_gpadl(dev, pfns)
+        dev.channel.teardown_gpadl = lambda handle: self.teardown_gpadl(dev, handle)
         dev.state = DeviceState.OPEN
         dev.scope = trio.CancelScope()
         if dev.primary is not None:
@@ -329,12 +327,48 @@ class GuestKernel:
             await self._nursery.start(self._run_driver, dev)
         log.info("device %s open on channel %d", dev.name, dev.relid)
 
+    async def create_gpadl(self, dev: GuestDevice, pfns: Sequence[int]) -> int:
+        """Describe whole pages of guest RAM to the host for ``dev`` (its
+        rings, or a buffer of its own); returns the GPADL handle."""
+        handle = next(self._gpadl_ids)
+        slot = self._expect("gpadl", handle)
+        for msg in P.gpadl_messages(dev.relid, handle, list(pfns), len(pfns) << PAGE_SHIFT):
+            await self._post_ok(msg)
+        created = await self._await(("gpadl", handle), slot)
+        assert isinstance(created, P.GpadlCreated)
+        if created.creation_status != P.STATUS_SUCCESS:
+            raise BootError(f"GPADL for {dev.name} refused ({created.creation_status:#x})")
+        return handle
+
+    async def teardown_gpadl(self, dev: GuestDevice, handle: int) -> None:
+        """Withdraw a buffer GPADL of ``dev``: the host stops using its pages."""
+        slot = self._expect("torndown", handle)
+        status = await self.post(P.GpadlTeardown(dev.relid, handle))
+        if status != hv.HvStatus.SUCCESS:
+            self._waiters.pop(("torndown", handle), None)
+            raise HypercallFailed("GPADL_TEARDOWN", status)
+        await self._await(("torndown", handle), slot)
+
     async def _run_subchannel(self, dev: GuestDevice, task_status: trio.TaskStatus[None]) -> None:
         assert dev.driver is not None and dev.scope is not None and dev.channel is not None
         with dev.scope:
             async with trio.open_nursery() as nursery:
                 await dev.driver.add_subchannel(dev.channel, nursery)
                 task_status.started()
+
+    def _offer_to_drivers(self, dev: GuestDevice) -> None:
+        """An offer no driver binds by GUID, made after boot: a channel an
+        open device's host half offered at run time (a socket connection).
+        The first open driver that claims it gets it as a channel of its own
+        (``GuestDriver.claim_offer``, then ``add_subchannel``); unclaimed, it
+        stays offered and unopened, as Linux leaves such offers."""
+        for owner in list(self.devices.values()):
+            if (owner.state is DeviceState.OPEN and owner.primary is None and owner.driver is not None
+                    and self._nursery is not None and owner.driver.claim_offer(dev.offer)):
+                dev.spec, dev.primary, dev.claimed = owner.spec, owner, True
+                owner.subchannels.append(dev)
+                self._nursery.start_soon(self._open_subchannel, dev)
+                return
 
     async def _open_subchannel(self, dev: GuestDevice) -> None:
         try:
@@ -442,6 +476,11 @@ class GuestKernel:
             return  # a host stopping rescinds everything, then goes: the watcher reports it
         if status != hv.HvStatus.SUCCESS:  # (we unloaded meanwhile: the host forgot the relid with the rest)
             log.info("RELID_RELEASED for channel %d refused (%#x)", dev.relid, status)
+        elif dev.claimed and dev.primary is not None:
+            # A claimed channel leaves no trace once released: the host may offer its relid again.
+            self.devices.pop(dev.relid, None)
+            if dev in dev.primary.subchannels:
+                dev.primary.subchannels.remove(dev)
 
     async def shutdown(self) -> None:
         for dev in list(self.devices.values()):

@@ -18,7 +18,9 @@ from vmbus.config import REQUIRED, Size, option
 from vmbus.device import DeviceSpec
 from vmbus.protocols import emulated_disks as emulated
 from vmbus.protocols import echo as echo_protocol
+from vmbus.protocols import hvsock as hvsock_protocol
 from vmbus.protocols import ic as ic_protocol
+from vmbus.protocols import netvsc as netvsc_protocol
 from vmbus.protocols import storvsc as storvsc_protocol
 from vmbus.trapped import TrappedDeviceSpec
 
@@ -71,6 +73,18 @@ class KvpConfig:
     values: dict[str, str] | None = option("values the host sets at start (from code; not on the command line)")
 
 
+@dataclass(frozen=True)
+class NetConfig:
+    backend: str = option("where the guest's frames go: tap (a host TAP interface) or switch "
+                          "(a learning switch joining the guests of this host)", REQUIRED)
+    ifname: str | None = option("tap: the host interface's name (default pvtap<pid>)")
+    netns: str | None = option("tap: a named network namespace to put the host interface in")
+    address: str | None = option("tap: an address for the host interface, ADDR/PREFIX")
+    switch: str | None = option("switch: the switch's name (default 'default')")
+    mac: str | None = option("the NIC's MAC address (default 00:15:5d and three random bytes)")
+    mtu: int | None = option("the link's MTU, 1500 to 9202 (default 1500)")
+
+
 ECHO = DeviceSpec(
     name="echo",
     interface_id=echo_protocol.INTERFACE_ID,
@@ -89,6 +103,17 @@ STORAGE = DeviceSpec(
     description="SCSI disk backed by a disk image or block device (storvsc/storvsp)",
     needs_config=True,
     config_schema=StorageConfig,
+)
+
+NET = DeviceSpec(
+    name="net",
+    interface_id=netvsc_protocol.INTERFACE_ID,
+    host=_lazy("host_drivers.net.device:NetvspHost"),
+    guest=_lazy("guest_kernel.drivers.netvsc:NetvscDriver"),
+    ring_pages=128,  # Linux's netvsc ring_size default
+    description="synthetic NIC (netvsc/netvsp): a TAP interface in the guest, a host TAP or switch behind it",
+    needs_config=True,
+    config_schema=NetConfig,
 )
 
 # The integration services: one device each, on the ICMSG framework
@@ -166,4 +191,39 @@ DMA_CONTROLLER = TrappedDeviceSpec(
     length=emulated.DMA_REGS,
     host=_emulated_disk("dma"),
     description="DMA disk controller: a request is a few register writes, a doorbell and an interrupt",
+)
+
+
+# -- Hyper-V sockets -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SocketsConfig:
+    services: str | None = option(
+        "guest ports forwarded to host services: PORT=tcp:HOST:PORT or PORT=unix:PATH, several joined by ';'")
+    listen: bool | None = option("a Unix socket per guest (<host socket>.vsock.<partition>) where host programs "
+                                 "write CONNECT <port> to reach a guest's listening port (default yes)")
+    max_connections: int | None = option("connections one guest may have at once (default 256)")
+    accept_timeout: float | None = option("seconds a guest has to accept a host program's connection (default 2)")
+
+    def __post_init__(self) -> None:
+        from host_drivers.sockets.services import parse_services
+        from vmbus.config import ConfigError
+
+        try:
+            parse_services(self.services or "")
+        except ValueError as exc:
+            raise ConfigError(f"device sockets: option services: {exc}") from None
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ConfigError("device sockets: option max_connections takes a whole number of at least 1")
+
+
+SOCKETS = DeviceSpec(
+    name="sockets",
+    interface_id=hvsock_protocol.INTERFACE_ID,
+    host=_lazy("host_drivers.sockets.device:SocketsHost"),
+    guest=_lazy("guest_kernel.drivers.hvsock:SocketsDriver"),
+    ring_pages=32,
+    description="Hyper-V sockets: guest streams to host services, host programs to guest ports (hv_sock)",
+    config_schema=SocketsConfig,
 )

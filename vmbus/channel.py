@@ -72,10 +72,23 @@ class Channel:
         self.polls_hit = 0
         # Host side, primary channels only: ask the bus to offer sub-channels.
         self.request_subchannels: Callable[[int], int] | None = None
+        # Host side, primary channels only: offer a channel of the device's own
+        # at run time and rescind it (``VmbusServer.offer_channel``).
+        self.offer_channel: Callable[..., int | None] | None = None
+        self.rescind_channel: Callable[[int], None] | None = None
         # The eventfd the peer's signals arrive on, for a device that serves
         # the rings from a worker thread (it polls a dup of it; ``wait``
         # stays the way for tasks).  None where the side has no such fd.
         self.event_fd: int | None = None
+        # Buffers the guest describes beyond the rings (a NIC's receive and
+        # send buffers), each a GPADL of its own.  Host side: ``gpadl(handle)``
+        # gives the pages of a complete GPADL the guest made for this
+        # device (``GuestMemoryError`` for any other handle).  Guest side:
+        # ``create_gpadl(pfns)`` -> handle and ``teardown_gpadl(handle)``.
+        # None where the side has no bus behind it.
+        self.gpadl: Callable[[int], Sequence[int]] | None = None
+        self.create_gpadl: Callable[[Sequence[int]], Awaitable[int]] | None = None
+        self.teardown_gpadl: Callable[[int], Awaitable[None]] | None = None
 
     @property
     def active(self) -> bool:

@@ -43,7 +43,7 @@ from ring import PAGE_SIZE, Doorbell, IncomingRing, OutgoingRing, SharedMemory
 
 from .channel import Channel
 from .device import DeviceSpec, GuestDriver, HostDevice
-from .guest_memory import GuestMemory
+from .guest_memory import GuestMemory, GuestMemoryError
 
 RELID = 1
 
@@ -135,6 +135,26 @@ async def open_device_pair(
         host_channel = Channel(RELID, host_out, host_in, guest_bell.ring, host_wait)
         host_channel.event_fd = host_bell.fileno()
         guest_channel = Channel(RELID, guest_out, guest_in, host_bell.ring, guest_wait)
+        # Buffer GPADLs beyond the rings (``Channel.gpadl``): a table here,
+        # where the bus would check and keep them.
+        gpadls: dict[int, list[int]] = {}
+
+        async def create_gpadl(pfns: Any) -> int:
+            handle = 0xE1E10 + len(gpadls) + 1
+            gpadls[handle] = list(pfns)
+            return handle
+
+        async def teardown_gpadl(handle: int) -> None:
+            gpadls.pop(handle, None)
+
+        def host_gpadl(handle: int) -> list[int]:
+            if handle not in gpadls:
+                raise GuestMemoryError(f"no GPADL {handle:#x} for this device")
+            return gpadls[handle]
+
+        host_channel.gpadl = host_gpadl
+        guest_channel.create_gpadl = create_gpadl
+        guest_channel.teardown_gpadl = teardown_gpadl
         host = spec.host(config or {})
         guest = spec.guest(guest_channel)
         guest.ram = ram

@@ -1,0 +1,1 @@
+"""The synthetic NIC, host half (netvsp) and its backends."""
