@@ -34,6 +34,7 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 from typing import NoReturn
 
 from . import __version__
@@ -66,7 +67,8 @@ def _cmd_guest(args: argparse.Namespace) -> int:
     from .launch import guest_main
 
     _check_exec(args)
-    return trio.run(guest_main, args.socket, args.program, args.args, args.ram, args.versions,
+    return trio.run(partial(guest_main, network={"netns": args.netns, "address": args.ip, "gateway": args.gateway}),
+                    args.socket, args.program, args.args, args.ram, args.versions,
                     args.args if args.exec else None, args.mount)
 
 
@@ -318,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     guest.add_argument("--ram", type=_ram, default=256, help="guest RAM in MiB (default 256)")
     guest.add_argument("--versions", type=_versions,
                        help="VMBus versions to offer, newest first (default 5.3 down to 3.0)")
+    guest.add_argument("--ip", metavar="ADDR/PREFIX", type=_checked("check_address"),
+                       help="with a net device: the address of the guest's eth0 (e.g. 10.0.0.2/24)")
+    guest.add_argument("--gateway", metavar="ADDR", help="with a net device: the guest's default route")
+    guest.add_argument("--netns", metavar="NAME",
+                       help="with a net device: the named network namespace eth0 goes in (default "
+                            "pvbus-guest-<pid>, created and removed by the guest)")
     guest.add_argument("args", nargs="*", help="arguments for the guest program (after --)")
     _exec_arguments(guest)
     guest.set_defaults(func=_cmd_guest)

@@ -239,8 +239,40 @@ def check_disk(config: dict[str, Any]) -> None:
         disk.close()
 
 
+def check_address(text: str) -> str:
+    """``ADDR/PREFIX`` for a guest's interface; ValueError, in words, otherwise."""
+    import ipaddress
+
+    if "/" not in text:
+        raise ValueError(f"{text!r}: give the address with its prefix length, e.g. 10.0.0.2/24")
+    ipaddress.ip_interface(text)
+    return text
+
+
+async def present_network(kernel: Any, network: dict[str, Any] | None) -> None:
+    """A guest offered a NIC shows it to its programs as ``eth0`` in its
+    network namespace (``guest_kernel.drivers.netvsc``), addressed as
+    ``--ip``/``--gateway`` say."""
+    from vmbus.errors import ChannelRevoked
+
+    try:
+        nic = kernel.device("net")
+    except (LookupError, ChannelRevoked):
+        if network and network.get("address"):
+            raise CommandError("--ip is for a guest with a net device: start the host with --device net:...") from None
+        return
+    network = network or {}
+    try:
+        name = await nic.present(netns=network.get("netns"), address=network.get("address"),
+                                 gateway=network.get("gateway"))
+    except OSError as exc:
+        raise CommandError(f"cannot show the NIC as eth0: {_reason(exc)} (needs root and /dev/net/tun)") from exc
+    log.info("net: eth0 in network namespace %s", name)
+
+
 async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: int, versions: str | None,
-                     exec_argv: list[str] | None = None, mounts: list[str] | None = None) -> int:
+                     exec_argv: list[str] | None = None, mounts: list[str] | None = None,
+                     network: dict[str, Any] | None = None) -> int:
     """Boot a guest and run ``program`` in it, or with ``exec_argv`` a real
     program in the guest's namespaces, its disks mounted as ``mounts`` say
     (``guest_kernel.presenters.command``)."""
@@ -265,6 +297,7 @@ async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: i
         async with trio.open_nursery() as nursery:
             await kernel.boot(socket_path, nursery)
             booted = True
+            await present_network(kernel, network)
             with trio.CancelScope() as program_scope:
                 if exec_argv is None:  # a real program gets the signals itself (relayed)
                     await nursery.start(_until_signal, program_scope)
