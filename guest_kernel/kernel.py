@@ -161,9 +161,9 @@ class GuestKernel:
         elif isinstance(msg, P.UnloadResponse):
             key = ("unload",)
         elif isinstance(msg, P.RescindChannelOffer):
-            dev = self.devices.get(msg.child_relid)
-            if dev is not None and self._nursery is not None:
-                self._nursery.start_soon(self._rescinded, dev)
+            rescinded = self.devices.get(msg.child_relid)
+            if rescinded is not None and self._nursery is not None:
+                self._nursery.start_soon(self._rescinded, rescinded)
             return
         slot = self._waiters.get(key) if key else None
         if slot is None:

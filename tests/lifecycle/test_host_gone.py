@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -77,7 +78,7 @@ def _host(tmp_path: Path, *args: str,
         proc.wait()
 
 
-def _admin(sock: str, request: dict[str, object]) -> dict[str, object]:
+def _admin(sock: str, request: dict[str, Any]) -> dict[str, Any]:
     from vmbus.host import admin_request
 
     return trio.run(admin_request, sock, request)
@@ -169,7 +170,7 @@ def test_every_device_rescinded_then_host_killed(tmp_path: Path) -> None:
     with _host(tmp_path, "--disk", str(tmp_path / "disk.img"), "--disk-size", "16M") as (host, sock):
         with _guests_under_load(sock, tmp_path, echo_guests=1) as guests:
             snapshot = _admin(sock, {"cmd": "inspect"})
-            for part in snapshot["partitions"]:  # type: ignore[union-attr]
+            for part in snapshot["partitions"]:
                 rescinded = set()
                 for channel in part["channels"]:
                     req = {"cmd": "rescind", "partition": part["id"], "relid": channel["relid"]}
