@@ -287,3 +287,23 @@ def test_boot_waiting_for_an_answer_fails_when_the_host_hangs_up(tmp_path: Path)
     text = err.decode()
     assert proc.returncode == 1, text
     assert text.splitlines() == ["pvbus guest: the host went away (it closed the control socket)"], text
+
+
+def test_ctrl_c_while_waiting_for_the_host_is_quiet(tmp_path: Path) -> None:
+    """SIGINT to a guest whose boot waits for a silent host: status 130 and
+    nothing on stderr (no traceback, no KeyboardInterrupt)."""
+    path = str(tmp_path / "silent.sock")
+    answered, hang_up = threading.Event(), threading.Event()
+    _silent_host(path, 4, answered, hang_up)
+    proc = subprocess.Popen([*PVBUS, "guest", "--socket", path, "--ram", "16", "--program", "idle"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert answered.wait(DEADLINE * 3), "the guest never got as far as INITIATE_CONTACT"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        hang_up.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert (proc.returncode, err.decode()) == (130, "")
