@@ -421,8 +421,8 @@ class NetvscDriver(GuestDriver):
                     await self.send_frames(frames)
                 else:
                     await trio.lowlevel.wait_readable(fd)
-        except (ChannelRevoked, ChannelClosed, OSError):
-            return
+        except (ChannelRevoked, ChannelClosed, OSError, trio.ClosedResourceError):
+            return  # the NIC went away, or stop() closed the interface
 
     def statistics(self) -> dict[str, Any]:
         return {"mac": self.mac.hex(":"), "mtu": self.mtu, "link": self.link_up, "ifname": self.ifname,

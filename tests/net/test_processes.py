@@ -60,14 +60,13 @@ def guest(tmp_path: Path, host: HostProcess, guest_ns: str, *args: str) -> Itera
         info = json.loads(line)
         info["process"] = proc
         yield info
-    finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+        assert proc.wait(timeout=30) == 0, proc.communicate()[1].decode()[-2000:]  # a clean shutdown
+    finally:
+        if proc.poll() is None:
             proc.kill()
-            raise
+            proc.wait()
 
 
 def in_ns(ns: str, *cmd: str, timeout: float = 30, **kw: Any) -> subprocess.CompletedProcess[str]:
