@@ -159,6 +159,12 @@ def test_debug_shows_the_traceback(workdir: Path) -> None:
     assert "Traceback" in res.stderr and "FileNotFoundError" in res.stderr
 
 
+def test_debug_shows_where_a_program_failed(workdir: Path) -> None:
+    res = run_pvbus(["--debug", "run", "--program", "userprog:main"], workdir)
+    assert res.returncode == 1
+    assert "Traceback" in res.stderr and 'raise ValueError("the program\'s own failure")' in res.stderr
+
+
 def test_a_program_that_returns_a_status(workdir: Path) -> None:
     """The counterpart of the failures: a user program from the working
     directory runs and its status is the command's."""
