@@ -7,6 +7,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import trio
+
 from guest_kernel.memory import DmaBuffer
 from pvbus.bench.blockload import Workload, run_trapped
 from vmbus.host import admin_request
@@ -55,7 +57,9 @@ def test_every_mode_reads_and_writes_the_same_bytes(tmp_path: Path) -> None:
 def test_reported_exits_are_the_counted_exits(tmp_path: Path) -> None:
     image = tmp_path / "d.img"
     image.write_bytes(bytes(4 * MiB))
-    with host_process(tmp_path, "--disk", str(image), "--emulated-disks") as host:
+    # only the disk: the integration services' own traffic (heartbeats...) would
+    # add exits the guest makes on its own schedule
+    with host_process(tmp_path, "--disk", str(image), "--emulated-disks", "--device", "storage") as host:
 
         async def host_exits() -> int:
             return sum((await admin_request(host.socket, {"cmd": "inspect"}))["partitions"][0]["exits"].values())
@@ -68,13 +72,21 @@ def test_reported_exits_are_the_counted_exits(tmp_path: Path) -> None:
                 before_h = await host_exits()
                 rec = await run_trapped(kernel, Workload("randread", 4096, 1, 4 * MiB, runtime=0.2, ramp=0), mode,
                                         disk)
-                after_g = sum(kernel.hypercalls.exits.values())
-                after_h = await host_exits()
+                # The interrupt task's end-of-message exit may still be on its
+                # way when the window closes: both sides agree once it lands.
+                with trio.fail_after(30):
+                    while True:
+                        after_g = sum(kernel.hypercalls.exits.values())
+                        after_h = await host_exits()
+                        if after_g - before_g == after_h - before_h:
+                            break
+                        await trio.sleep(0.01)
                 # the inspect round trips are admin-socket traffic, not exits
                 out.append((mode, after_g - before_g, after_h - before_h, rec["exits_per_io"] * rec["ios"], rec["ios"]))
             return out
 
         for mode, guest_exits, host_exits, reported, ios in run_guest(host.socket, body):
             assert guest_exits == host_exits, mode  # what the guest made is what the host answered
-            assert abs(reported - guest_exits) < 1e-6 * max(1, guest_exits), mode
+            # all the window counted, short by at most the last interrupts' EOMs
+            assert guest_exits - 2 - 1e-6 <= reported <= guest_exits + 1e-6, mode
             assert ios > 0  # emulated I/O may end mid-request: counted by bytes moved

@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -146,6 +147,9 @@ class RingMachine(RuleBasedStateMachine):
             assert self.c.inc.available == self.py.inc.available
             assert self.c.out.write_space == self.py.out.write_space
 
+
+# about 4 s alone; many times that on a machine loaded several times over
+pytestmark = pytest.mark.timeout(600)
 
 TestRingMachine = RingMachine.TestCase
 TestRingMachine.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)
