@@ -89,6 +89,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     args.exec, args.mount)
 
 
+def _cmd_bench_net(args: argparse.Namespace) -> int:
+    from .bench import netbench
+
+    return netbench.main(args.json, args.quick)
+
+
 def _cmd_bench_report(args: argparse.Namespace) -> int:
     from .bench import report
 
@@ -403,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     block.add_argument("--json", metavar="FILE", help="write the records as JSON")
     block.add_argument("--quick", action="store_true", help="short runs (a smoke test, noisier)")
     block.set_defaults(func=_cmd_bench_block)
+    net = bench_sub.add_parser("net", help="TCP stream and request/response through the pvbus NIC and a veth pair")
+    net.add_argument("--json", metavar="FILE", help="write the records as JSON")
+    net.add_argument("--quick", action="store_true", help="short runs (a smoke test, noisier)")
+    net.set_defaults(func=_cmd_bench_net)
     report = bench_sub.add_parser("report", help="Markdown and PNG charts from a benchmark's JSON")
     report.add_argument("results", help="JSON written by pvbus bench --json")
     report.add_argument("--kinds-doc", metavar="FILE", help="also write the four-kinds document here")
