@@ -102,7 +102,7 @@ class DiskQueue(Requestor):
             batch = self._slots[tids[0] - 1]
             held.append(batch)
             # One cffi call fills the whole array (field order = tuple order).
-            ios = ffi.new("storvsc_io[]", [(*request, tid) for request, tid in zip(requests, tids)])
+            ios = ffi.new("storvsc_io[]", [(*request, tid) for request, tid in zip(requests, tids, strict=True)])
             done = 0
 
             def stage() -> tuple[int, bool, int]:
