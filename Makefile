@@ -25,6 +25,10 @@ system-packages:
 	@test -x /usr/sbin/fsck.fat || test -x /sbin/fsck.fat || \
 	  { apt-get install -y -q dosfstools || { apt-get update -q && apt-get install -y -q dosfstools; }; } >/dev/null 2>&1 || \
 	  echo "note: dosfstools (fsck.fat) could not be installed; the test that needs it will skip"
+	@# The network tests and bench: ping (iputils-ping), iperf3 (pvbus bench net; a socket pump without it).
+	@{ test -x /usr/bin/ping && test -x /usr/bin/iperf3; } 2>/dev/null || \
+	  { apt-get install -y -q iputils-ping iperf3 || { apt-get update -q && apt-get install -y -q iputils-ping iperf3; }; } \
+	  >/dev/null 2>&1 || echo "note: iputils-ping or iperf3 could not be installed; the tests needing ping skip"
 	@# Real programs in a guest (--exec): FUSE (fuse3, libfuse3-dev and pkg-config to build pyfuse3), fio.
 	@{ test -x /usr/bin/fusermount3 && test -x /usr/bin/fio && pkg-config --exists fuse3; } 2>/dev/null || \
 	  { apt-get install -y -q fuse3 libfuse3-dev fio pkg-config || \
