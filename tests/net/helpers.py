@@ -53,8 +53,9 @@ def need_network_privileges() -> None:
         pytest.skip("needs root (TAP interfaces and network namespaces)")
     if not os.path.exists("/dev/net/tun"):
         pytest.skip("needs /dev/net/tun")
-    if shutil.which("ip") is None:
-        pytest.skip("needs iproute2's ip")
+    for tool, package in (("ip", "iproute2"), ("ping", "iputils-ping")):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool} ({package}; make system-packages installs it)")
     probe = subprocess.run(["unshare", "--net", "true"], capture_output=True)
     if probe.returncode:
         pytest.skip(f"cannot create network namespaces: {probe.stderr.decode().strip()}")
