@@ -29,11 +29,13 @@ system-packages:
 	@{ test -x /usr/bin/ping && test -x /usr/bin/iperf3; } 2>/dev/null || \
 	  { apt-get install -y -q iputils-ping iperf3 || { apt-get update -q && apt-get install -y -q iputils-ping iperf3; }; } \
 	  >/dev/null 2>&1 || echo "note: iputils-ping or iperf3 could not be installed; the tests needing ping skip"
-	@# Real programs in a guest (--exec): FUSE (fuse3, libfuse3-dev and pkg-config to build pyfuse3), fio.
-	@{ test -x /usr/bin/fusermount3 && test -x /usr/bin/fio && pkg-config --exists fuse3; } 2>/dev/null || \
-	  { apt-get install -y -q fuse3 libfuse3-dev fio pkg-config || \
-	    { apt-get update -q && apt-get install -y -q fuse3 libfuse3-dev fio pkg-config; }; } >/dev/null 2>&1 || \
-	  echo "note: fuse3, libfuse3-dev, fio or pkg-config could not be installed; the tests that need them will skip"
+	@# Real programs in a guest (--exec): FUSE (fuse3, libfuse3-dev and pkg-config to build pyfuse3), fio,
+	@# mtools (FAT without the kernel's vfat driver).
+	@{ test -x /usr/bin/fusermount3 && test -x /usr/bin/fio && test -x /usr/bin/mcopy && pkg-config --exists fuse3; } \
+	  2>/dev/null || \
+	  { apt-get install -y -q fuse3 libfuse3-dev fio pkg-config mtools || \
+	    { apt-get update -q && apt-get install -y -q fuse3 libfuse3-dev fio pkg-config mtools; }; } >/dev/null 2>&1 || \
+	  echo "note: fuse3, libfuse3-dev, fio, pkg-config or mtools could not be installed; tests needing them skip"
 
 install: $(STAMP)
 
