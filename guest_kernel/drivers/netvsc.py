@@ -38,6 +38,7 @@ import logging
 import os
 import struct
 from collections import Counter, deque
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -224,7 +225,7 @@ class NetvscDriver(GuestDriver):
             self.counters["tx_refused"] += 1
         self._freed.set()
 
-    def _on_transfer(self, tid: int, header: bytes) -> None:
+    def _on_transfer(self, tid: int, header: bytes | memoryview) -> None:
         rx, layout = self._rx, self.layout
         try:
             ranges = N.parse_xfer_header(header)
@@ -343,7 +344,7 @@ class NetvscDriver(GuestDriver):
         self.outbox.put(N.message(N.RNDIS_PACKET, N.Msg.SEND_RNDIS_PACKET, channel_type, N.NO_SECTION, 0),
                         BIG_TID | slot, True, PacketType.DATA_USING_GPA_DIRECT, encode_gpa_direct_header(ranges))
 
-    async def send_frames(self, frames: list[bytes | memoryview]) -> None:
+    async def send_frames(self, frames: Sequence[bytes | memoryview]) -> None:
         """Frames out, batched into as few packets as the sections allow."""
         self.channel.check()
         good = []
@@ -390,7 +391,7 @@ class NetvscDriver(GuestDriver):
         return name
 
     def _configure(self, tmp: str, name: str, ifname: str, address: str | None, gateway: str | None) -> None:
-        from pyroute2 import IPRoute, netns
+        from pyroute2 import IPRoute, netns  # type: ignore[import-untyped]
 
         if name not in netns.listnetns():
             netns.create(name)

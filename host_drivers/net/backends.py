@@ -45,7 +45,7 @@ class TapBackend:
             raise
 
     def _configure(self, mtu: int, address: str | None) -> None:
-        from pyroute2 import IPRoute
+        from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
         with IPRoute() as ip:
             (index,) = ip.link_lookup(ifname=self.ifname)

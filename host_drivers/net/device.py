@@ -203,16 +203,18 @@ class NicSession:
 
     # -- guest -> host --------------------------------------------------------
 
-    def on_packet(self, ptype: int, tid: int, wants_completion: bool, header: bytes, payload: bytes) -> None:
+    def on_packet(self, ptype: int, tid: int, wants_completion: bool, header: bytes | memoryview,
+                  payload: bytes | memoryview) -> None:
         if ptype == PacketType.COMPLETION:
             self.on_completion(tid)
             return
+        reply: bytes | None
         try:
             if ptype == PacketType.DATA_USING_GPA_DIRECT:
                 mtype, fields = N.parse(payload, self.version)
                 if mtype != N.Msg.SEND_RNDIS_PACKET:
                     raise Refusal(f"{mtype.name} by GPA-direct")
-                reply = self.on_rndis_packet(fields, header)
+                reply = self.on_rndis_packet(fields, bytes(header))
             elif ptype == PacketType.DATA_INBAND:
                 reply = self.on_nvsp(payload)
             else:
@@ -224,7 +226,7 @@ class NicSession:
         if wants_completion:
             self.outbox.put(reply if reply is not None else b"", tid, False, PacketType.COMPLETION)
 
-    def on_nvsp(self, payload: bytes) -> bytes | None:
+    def on_nvsp(self, payload: bytes | memoryview) -> bytes | None:
         """One in-band NVSP message; returns the completion body (None: empty)."""
         mtype, fields = N.parse(payload, self.version)
         if mtype == N.Msg.INIT:
@@ -410,7 +412,9 @@ class NicSession:
             return R.STATUS_SUCCESS
         if oid == R.OID_TCP_OFFLOAD_PARAMETERS:
             # NDIS_OFFLOAD_PARAMETERS: header type 0x80, revision >= 1, size 20..sent.
-            if len(data) < 20 or data[0] != 0x80 or data[1] < 1 or not 20 <= struct.unpack_from("<H", data, 2)[0] <= len(data):
+            if len(data) < 20 or data[0] != 0x80 or data[1] < 1:
+                return R.STATUS_INVALID_DATA
+            if not 20 <= struct.unpack_from("<H", data, 2)[0] <= len(data):
                 return R.STATUS_INVALID_DATA
             return R.STATUS_SUCCESS  # nothing to turn on: no offload is offered
         if oid == R.OID_GEN_NETWORK_LAYER_ADDRESSES:

@@ -130,16 +130,16 @@ def _stream(server_ns: str, client_ns: str, address: str, seconds: float, revers
             server.kill()
             server.wait()
     mode = ("source", "receive") if reverse else ("sink", "send")
-    server = subprocess.Popen(_in(server_ns, sys.executable, "-c", PUMP_SERVER, address, str(PORT_STREAM), mode[0],
-                                  str(seconds)), stdout=subprocess.PIPE, text=True)
+    pump = subprocess.Popen(_in(server_ns, sys.executable, "-c", PUMP_SERVER, address, str(PORT_STREAM), mode[0],
+                                str(seconds)), stdout=subprocess.PIPE, text=True)
     try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        assert pump.stdout is not None and pump.stdout.readline().strip() == "ready"
         client = subprocess.run(_in(client_ns, sys.executable, "-c", PUMP_CLIENT, address, str(PORT_STREAM), mode[1],
                                     str(seconds)), capture_output=True, text=True, timeout=seconds + 60)
-        return float(client.stdout) if reverse else float(server.stdout.readline())
+        return float(client.stdout) if reverse else float(pump.stdout.readline())
     finally:
-        server.kill()
-        server.wait()
+        pump.kill()
+        pump.wait()
 
 
 def _request_response(server_ns: str, client_ns: str, address: str, seconds: float) -> dict[str, float]:
@@ -208,7 +208,7 @@ def _pvbus_pair(seconds: float) -> Iterator[dict[str, Any]]:
         pvbus = [sys.executable, "-m", "pvbus"]
         device = f"net:backend=tap,ifname=pvbt0,netns={host_ns},address=10.88.0.1/24"
         host = subprocess.Popen([*pvbus, "host", "--socket", sock, "--device", device], stdout=subprocess.PIPE)
-        guest = None
+        guest: subprocess.Popen[str] | None = None
         try:
             assert host.stdout is not None
             if not host.stdout.readline().startswith(b"ready"):
