@@ -58,7 +58,8 @@ def skip_unless_ready(*tools: str) -> None:
 
 
 def tool(name: str) -> str:
-    return shutil.which(name) or next(f"{d}/{name}" for d in ("/sbin", "/usr/sbin") if os.access(f"{d}/{name}", os.X_OK))
+    found = shutil.which(name)
+    return found or next(f"{d}/{name}" for d in ("/sbin", "/usr/sbin") if os.access(f"{d}/{name}", os.X_OK))
 
 
 @contextmanager
