@@ -75,6 +75,7 @@ class GuestDevice:
     scope: trio.CancelScope | None = None
     primary: GuestDevice | None = None  # set on sub-channels
     subchannels: list[GuestDevice] = field(default_factory=list)
+    claimed: bool = False  # offered at run time and claimed by the primary's driver
 
     @property
     def relid(self) -> int:
@@ -148,6 +149,8 @@ class GuestKernel:
                     dev.primary = primary
                     primary.subchannels.append(dev)
                     self._nursery.start_soon(self._open_subchannel, dev)
+            elif dev.spec is None and self._all_offers.is_set():
+                self._offer_to_drivers(dev)
             return
         elif isinstance(msg, P.AllOffersDelivered):
             self._all_offers.set()
@@ -353,6 +356,20 @@ class GuestKernel:
                 await dev.driver.add_subchannel(dev.channel, nursery)
                 task_status.started()
 
+    def _offer_to_drivers(self, dev: GuestDevice) -> None:
+        """An offer no driver binds by GUID, made after boot: a channel an
+        open device's host half offered at run time (a socket connection).
+        The first open driver that claims it gets it as a channel of its own
+        (``GuestDriver.claim_offer``, then ``add_subchannel``); unclaimed, it
+        stays offered and unopened, as Linux leaves such offers."""
+        for owner in list(self.devices.values()):
+            if (owner.state is DeviceState.OPEN and owner.primary is None and owner.driver is not None
+                    and self._nursery is not None and owner.driver.claim_offer(dev.offer)):
+                dev.spec, dev.primary, dev.claimed = owner.spec, owner, True
+                owner.subchannels.append(dev)
+                self._nursery.start_soon(self._open_subchannel, dev)
+                return
+
     async def _open_subchannel(self, dev: GuestDevice) -> None:
         try:
             await self.open_device(dev)
@@ -453,6 +470,12 @@ class GuestKernel:
         if was_open:
             await self._stop_driver(dev)
             self._release_rings(dev)  # the host dropped the channel: no teardown wait
+        if dev.claimed and dev.primary is not None:
+            # A claimed channel leaves no trace: once released, the host may
+            # offer its relid again (even before the post below returns).
+            self.devices.pop(dev.relid, None)
+            if dev in dev.primary.subchannels:
+                dev.primary.subchannels.remove(dev)
         try:
             status = await self.post(P.RelidReleased(dev.relid))
         except HostGone:

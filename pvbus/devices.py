@@ -18,6 +18,7 @@ from vmbus.config import REQUIRED, Size, option
 from vmbus.device import DeviceSpec
 from vmbus.protocols import emulated_disks as emulated
 from vmbus.protocols import echo as echo_protocol
+from vmbus.protocols import hvsock as hvsock_protocol
 from vmbus.protocols import ic as ic_protocol
 from vmbus.protocols import netvsc as netvsc_protocol
 from vmbus.protocols import storvsc as storvsc_protocol
@@ -190,4 +191,39 @@ DMA_CONTROLLER = TrappedDeviceSpec(
     length=emulated.DMA_REGS,
     host=_emulated_disk("dma"),
     description="DMA disk controller: a request is a few register writes, a doorbell and an interrupt",
+)
+
+
+# -- Hyper-V sockets -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SocketsConfig:
+    services: str | None = option(
+        "guest ports forwarded to host services: PORT=tcp:HOST:PORT or PORT=unix:PATH, several joined by ';'")
+    listen: bool | None = option("a Unix socket per guest (<host socket>.vsock.<partition>) where host programs "
+                                 "write CONNECT <port> to reach a guest's listening port (default yes)")
+    max_connections: int | None = option("connections one guest may have at once (default 256)")
+    accept_timeout: float | None = option("seconds a guest has to accept a host program's connection (default 2)")
+
+    def __post_init__(self) -> None:
+        from host_drivers.sockets.services import parse_services
+        from vmbus.config import ConfigError
+
+        try:
+            parse_services(self.services or "")
+        except ValueError as exc:
+            raise ConfigError(f"device sockets: option services: {exc}") from None
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ConfigError("device sockets: option max_connections takes a whole number of at least 1")
+
+
+SOCKETS = DeviceSpec(
+    name="sockets",
+    interface_id=hvsock_protocol.INTERFACE_ID,
+    host=_lazy("host_drivers.sockets.device:SocketsHost"),
+    guest=_lazy("guest_kernel.drivers.hvsock:SocketsDriver"),
+    ring_pages=32,
+    description="Hyper-V sockets: guest streams to host services, host programs to guest ports (hv_sock)",
+    config_schema=SocketsConfig,
 )

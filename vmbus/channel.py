@@ -72,6 +72,10 @@ class Channel:
         self.polls_hit = 0
         # Host side, primary channels only: ask the bus to offer sub-channels.
         self.request_subchannels: Callable[[int], int] | None = None
+        # Host side, primary channels only: offer a channel of the device's own
+        # at run time and rescind it (``VmbusServer.offer_channel``).
+        self.offer_channel: Callable[..., int | None] | None = None
+        self.rescind_channel: Callable[[int], None] | None = None
         # The eventfd the peer's signals arrive on, for a device that serves
         # the rings from a worker thread (it polls a dup of it; ``wait``
         # stays the way for tasks).  None where the side has no such fd.

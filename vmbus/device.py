@@ -41,6 +41,16 @@ class DeviceCommandError(Exception):
     not answer...); its text is the one line the user sees."""
 
 
+@dataclass(frozen=True)
+class HostPlace:
+    """Where a host device runs, for one that makes host resources of its
+    own per guest (the sockets device's Unix socket beside the host's)."""
+
+    partition: int  # the guest's partition id
+    host_socket: str | None  # the host's guest socket; a device's own sockets go beside it
+    access: Any = None  # ``vmbus.access.Access``: who may connect to sockets the host makes
+
+
 class HostDevice:
     """Host half of a device.  One instance per guest partition.
 
@@ -48,6 +58,8 @@ class HostDevice:
     runs a command the admin socket names by device (``pvbus shutdown``,
     ``pvbus kvp``): the bus passes both through without knowing any device.
     """
+
+    place: HostPlace | None = None  # set by the bus (None in the in-process test kit)
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -84,7 +96,14 @@ class GuestDriver:
         """The channel is open; start background tasks in ``nursery``."""
 
     async def add_subchannel(self, channel: Channel, nursery: Any) -> None:
-        """A sub-channel the host offered (after the driver asked for it) is open."""
+        """A sub-channel the host offered (after the driver asked for it) is
+        open, or a channel this driver claimed (``claim_offer``)."""
+
+    def claim_offer(self, offer: Any) -> bool:
+        """An offer made after boot that no driver binds by GUID (a
+        ``vmbus.protocol.OfferChannel``): True to have the kernel open it and
+        hand it to ``add_subchannel``.  None is claimed by default."""
+        return False
 
     async def stop(self) -> None:
         """The device is going away (shutdown or rescind)."""

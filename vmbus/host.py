@@ -161,7 +161,8 @@ class HostService:
             await send_msg(sock, STATUS.pack(hv.HvStatus.SUCCESS))
             models = attach_trapped(partition, self.trapped)
             async with trio.open_nursery() as nursery:
-                server = VmbusServer(partition, self.devices, nursery, self.versions, self.device_config)
+                server = VmbusServer(partition, self.devices, nursery, self.versions, self.device_config,
+                                     host_socket=str(self.socket_path), access=self.access)
                 self.partitions[partition.id] = (partition, server)
                 self._partitions_changed()
                 log.info("partition %d: guest connected (%d MiB RAM)", partition.id, partition.memory.size >> 20)

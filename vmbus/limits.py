@@ -11,7 +11,7 @@ resource               per guest    whole host     host memory it stands for
 =====================  ===========  =============  ===============================
 GPADLs                 1,024        -              ~200 bytes each
 GPADL pages            262,144      4,194,304      8 bytes a page (1 GiB / 32 MiB)
-open channels          64           4,096          an eventfd, a task, a thread
+open channels          256          4,096          an eventfd, a task (a thread for C paths)
 queued SynIC messages  256          65,536         at most 240 bytes each
 =====================  ===========  =============  ===============================
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields
 class Limits:
     gpadls: int = 1024
     gpadl_pages: int = 1 << 18
-    open_channels: int = 64
+    open_channels: int = 256  # every hv_sock connection is a channel of its own
     queued_messages: int = 256
     total_gpadl_pages: int = 1 << 22
     total_open_channels: int = 4096

@@ -34,7 +34,7 @@ import array
 import enum
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,7 @@ from ring import Doorbell, IncomingRing, OutgoingRing, RingError
 from . import hv
 from . import protocol as P
 from .channel import Channel
-from .device import DeviceSpec, HostDevice
+from .device import DeviceSpec, HostDevice, HostPlace
 from .guest_memory import PAGE_SHIFT, GuestMemoryError
 from .hypervisor import Partition
 from .limits import Limits
@@ -58,6 +58,7 @@ HOST_VERSIONS = (
 )
 NEGOTIATED_CONN_ID_V5 = 4  # what we hand out as msg_conn_id at >= 5.0
 MAX_SUBCHANNELS = 16
+MAX_RELID = 0xFFF  # a relid is the low 12 bits of its connection id
 MAX_GPADLS = Limits().gpadls  # per partition (the caps: ``vmbus.limits``)
 
 
@@ -96,6 +97,12 @@ class HostChannel:
     sub_index: int = 0  # 0: primary; >= 1: a sub-channel of the primary with the same instance
     primary: int = 0  # relid of the primary (itself for a primary)
     worker_done: trio.Event | None = None  # set when the open channel's worker has returned
+    # A channel a device offered at run time (``offer_channel``): its own
+    # GUIDs, flags and user-defined area, served by its own ``serve``.
+    interface: uuid.UUID | None = None
+    flags: int = 0
+    user_defined: bytes = b""
+    serve: Callable[[Channel], Awaitable[None]] | None = None
 
     @property
     def connection_id(self) -> int:
@@ -119,6 +126,8 @@ class VmbusServer:
         nursery: trio.Nursery,
         versions: Iterable[int] = HOST_VERSIONS,
         device_config: dict[str, dict[str, Any]] | None = None,
+        host_socket: str | None = None,
+        access: Any = None,
     ) -> None:
         self.partition = partition
         self.nursery = nursery
@@ -142,6 +151,7 @@ class VmbusServer:
                 spec.host(config.get(spec.name, {})), primary=relid,
             )
             self.devices.append(self.channels[relid].device)
+            self.channels[relid].device.place = HostPlace(partition.id, host_socket, access)
         self._next_relid = len(self.channels) + 1
         # What each guest-to-host message does once contact is made (the
         # rest of the protocol's messages are host-to-guest: refused).
@@ -225,9 +235,42 @@ class VmbusServer:
 
     def _offer(self, ch: HostChannel) -> P.OfferChannel:
         return P.OfferChannel(
-            if_type=P.guid_to_wire(ch.spec.interface_id), if_instance=P.guid_to_wire(ch.instance),
+            if_type=P.guid_to_wire(ch.interface or ch.spec.interface_id), if_instance=P.guid_to_wire(ch.instance),
+            chn_flags=ch.flags, user_defined=ch.user_defined.ljust(120, b"\0"),
             sub_channel_index=ch.sub_index, child_relid=ch.relid, connection_id=ch.connection_id,
         )
+
+    def offer_channel(self, owner: int, interface: uuid.UUID, instance: uuid.UUID, serve: Callable[[Channel], Awaitable[None]],
+                      *, flags: int = 0, user_defined: bytes = b"") -> int | None:
+        """Offer a channel of an open primary's device at run time (a
+        connection of the sockets device, say) with its own GUIDs, flags and
+        user-defined area; ``serve`` runs when the guest opens it, as
+        ``HostDevice.serve`` does for the primary.  Returns its relid, or
+        None when the owner is not open or no relid is free.  It ends as any
+        channel does: ``rescind_channel`` (the device's), the owner's rescind,
+        or the partition going.  Devices call this through the primary's
+        ``Channel.offer_channel``."""
+        ch = self.channels.get(owner)
+        if ch is None or ch.state is not ChannelState.OPEN or ch.primary != owner or len(user_defined) > 120:
+            return None
+        # Round robin over the free relids: a relid just released is the
+        # last to be offered again (late messages about it stay unambiguous).
+        start = self._next_relid
+        relid = next((r for r in (*range(start, MAX_RELID + 1), *range(1, start)) if r not in self.channels), None)
+        if relid is None:
+            return None
+        self._next_relid = relid % MAX_RELID + 1
+        extra = HostChannel(relid, ch.spec, instance, ch.device, primary=owner, interface=interface, flags=flags,
+                            user_defined=user_defined, serve=serve)
+        self.channels[relid] = extra
+        self._send(self._offer(extra))
+        return relid
+
+    def rescind_owned(self, owner: int, relid: int) -> None:
+        """Rescind a channel ``offer_channel`` made for ``owner`` (and no other)."""
+        ch = self.channels.get(relid)
+        if ch is not None and ch.primary == owner and ch.relid != owner and ch.state is not ChannelState.RESCINDED:
+            self.rescind(relid)
 
     def offer_subchannels(self, primary: int, count: int) -> int:
         """Offer up to ``count`` more channels of an open primary (same GUIDs,
@@ -399,6 +442,9 @@ class VmbusServer:
         ch.channel.event_fd = ch.doorbell.fileno()
         if not ch.sub_index:
             ch.channel.request_subchannels = lambda count: self.offer_subchannels(relid, count)
+        if ch.primary == relid:
+            ch.channel.offer_channel = lambda *a, **kw: self.offer_channel(relid, *a, **kw)
+            ch.channel.rescind_channel = lambda extra: self.rescind_owned(relid, extra)
         primary = ch.primary
         ch.channel.gpadl = lambda handle: self.device_gpadl(primary, handle)
         ch.ring_gpadl = g.gpadl_id
@@ -420,7 +466,10 @@ class VmbusServer:
     async def _serve_channel(self, ch: HostChannel, scope: trio.CancelScope, channel: Channel) -> None:
         with scope:
             try:
-                await ch.device.serve(channel, self.partition.memory)
+                if ch.serve is not None:
+                    await ch.serve(channel)
+                else:
+                    await ch.device.serve(channel, self.partition.memory)
             except RingError as exc:
                 # The guest corrupted its own ring: this channel is finished.
                 # Rescind it so the guest's users fail fast instead of waiting.
@@ -480,8 +529,8 @@ class VmbusServer:
         ch = self._channel(relid)
         if ch.state is ChannelState.RESCINDED:
             return
-        if not ch.sub_index:
-            for sub in [c for c in self.channels.values() if c.primary == relid and c.sub_index]:
+        if ch.primary == relid:  # its sub-channels and the channels its device offered
+            for sub in [c for c in self.channels.values() if c.primary == relid and c is not ch]:
                 self.rescind(sub.relid)
         self._stop_channel(ch)
         ch.state = ChannelState.RESCINDED
@@ -492,7 +541,7 @@ class VmbusServer:
         """The host is going away: withdraw every channel the guest was offered."""
         if not self.offers_sent:
             return
-        for ch in [c for c in self.channels.values() if not c.sub_index]:
+        for ch in [c for c in self.channels.values() if c.primary == c.relid]:
             self.rescind(ch.relid)
 
     def _on_relid_released(self, msg: P.RelidReleased) -> None:
@@ -500,7 +549,7 @@ class VmbusServer:
         for g in [g for g in (*self.gpadls.values(), *self.assembling.values()) if g.relid == ch.relid]:
             self._drop_gpadl(g)
         del self.channels[ch.relid]
-        if not ch.sub_index:
+        if ch.primary == ch.relid:
             # Sub-channels share the primary's device; they were rescinded with it.
             sharing = [c for c in self.channels.values() if c.device is ch.device]
             workers = [c.worker_done for c in (ch, *sharing) if c.worker_done is not None]
@@ -543,13 +592,13 @@ class VmbusServer:
         for ch in self.channels.values():
             entry: dict[str, Any] = {
                 "relid": ch.relid, "device": ch.spec.name, "state": ch.state.value, "sub_channel": ch.sub_index,
-                "interface": str(ch.spec.interface_id), "guest_signals": ch.guest_signals,
+                "interface": str(ch.interface or ch.spec.interface_id), "guest_signals": ch.guest_signals,
             }
             if ch.channel is not None:
                 c = ch.channel
                 entry["ring"] = {"incoming": c.incoming.control(), "outgoing": c.outgoing.control()}
                 entry["stats"] = vars(c.stats)
-            if not ch.sub_index:
+            if ch.primary == ch.relid:
                 entry["device_state"] = device_snapshot(ch.device)
             chans.append(entry)
         return {"version": None if self.version is None else hex(self.version), "channels": chans,
