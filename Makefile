@@ -91,4 +91,4 @@ stress: $(STAMP)
 # 32 storage guests at once (their small versions are part of make test).
 .PHONY: soak
 soak: $(STAMP)
-	$(PY) -m pytest -m soak -q tests/hostile
+	$(PY) -m pytest -m soak -q tests/hostile tests/sockets
