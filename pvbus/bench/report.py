@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .tables import num
+
 MODES = ("native", "paravirt", "fullvirt", "emulated")
 COLORS = {"native": "#4c72b0", "paravirt": "#55a868", "fullvirt": "#dd8452", "emulated": "#c44e52"}
 
@@ -23,10 +25,16 @@ def _label(r: dict[str, Any]) -> str:
     return f"{r['rw']} {size_label(r['bs'])} qd{r['iodepth']}"
 
 
+def _measured(r: dict[str, Any]) -> bool:
+    return bool(r.get("ios", 1))
+
+
 def _grouped(records: list[dict[str, Any]]) -> tuple[list[str], dict[str, dict[str, dict[str, Any]]]]:
+    """Workload labels in order, and each mode's records by label; a record
+    without completed I/O is left out (no bar rather than a false one)."""
     labels: list[str] = []
     by: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in records:
+    for r in filter(_measured, records):
         lab = _label(r)
         if lab not in labels:
             labels.append(lab)
@@ -53,7 +61,7 @@ def bar_chart(result: dict[str, Any], metric: str, title: str) -> Any:
     modes = [m for m in MODES if m in by]
     width = 0.8 / max(1, len(modes))
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    positive = [r[metric] for r in result["records"] if r.get(metric)]
+    positive = [r[metric] for r in result["records"] if r.get(metric) and _measured(r)]
     for i, mode in enumerate(modes):
         xs = [x + i * width for x, lab in enumerate(labels) if lab in by[mode]]
         vals = [by[mode][lab].get(metric) or 0.0 for lab in labels if lab in by[mode]]
@@ -106,14 +114,15 @@ def markdown(result: dict[str, Any], images: list[Path], source: str) -> str:
     lines += ["| mode | workload | IOPS | MB/s | p50 us | p99 us | p99.9 us | exits/IO | interrupts/IO |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["records"]:
-        f = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
-        lines.append(f"| {r['mode']} | {_label(r)} | {r['iops']:,.4g} | {r['mb_per_s']:,.4g} | "
-                     f"{f(r.get('lat_p50_us'), ',.1f')} | {f(r.get('lat_p99_us'), ',.1f')} | "
-                     f"{f(r.get('lat_p999_us'), ',.1f')} | {r['exits_per_io']:,.3f} | "
-                     f"{r.get('interrupts_per_io', 0):,.3f} |")
+        if not _measured(r):  # a file from before records had to rest on completed I/O
+            lines.append(f"| {r['mode']} | {_label(r)} | no I/O completed: not a measurement | | | | | | |")
+            continue
+        cells = [r["iops"], r["mb_per_s"], r.get("lat_p50_us"), r.get("lat_p99_us"), r.get("lat_p999_us"),
+                 r["exits_per_io"], r.get("interrupts_per_io")]
+        lines.append(f"| {r['mode']} | {_label(r)} | " + " | ".join(num(v) for v in cells) + " |")
     if result.get("targets"):
         lines += ["", "| target | ratio | met |", "| --- | ---: | --- |"]
-        lines += [f"| {t['target']} | {t['ratio']:.3g} ({t['detail']}) | {'yes' if t['met'] else 'no'} |"
+        lines += [f"| {t['target']} | {num(t['ratio'])} ({t['detail']}) | {'yes' if t['met'] else 'no'} |"
                   for t in result["targets"]]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
     return "\n".join(lines)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -91,6 +92,20 @@ def test_a_zero_is_drawn_as_zero_never_as_a_floor() -> None:
     assert heights.count(0.0) == 3 and 1e-4 not in heights  # native's three workloads
     assert [t.get_text() for t in ax.texts].count("0") == 3  # and labelled, so it reads as zero, not missing
     assert ax.get_yscale() == "symlog"
+
+
+def test_an_old_record_without_completed_io_is_never_a_number(tmp_path: Path) -> None:
+    """Files written before the window waited for I/O hold records like the
+    quick run's emulated randwrite: 0 I/Os at exits/IO = exits / 1e-9."""
+    bad = {"mode": "emulated", "rw": "randwrite", "bs": 4096, "iodepth": 1, "ios": 0.0, "iops": 0.0,
+           "mb_per_s": 0.0, "lat_p50_us": None, "lat_p99_us": None, "exits_per_io": 203_000_000_000.0,
+           "interrupts_per_io": 0.0}
+    result = {"records": [*RESULT["records"], bad]}
+    md = report.markdown(result, [], "old.json")
+    assert "| emulated | randwrite 4K qd1 | no I/O completed: not a measurement |" in md
+    assert "203,000,000,000" not in md
+    heights = [bar.get_height() for bar in report.bar_chart(result, "exits_per_io", "Exits").axes[0].patches]
+    assert 203_000_000_000.0 not in heights and len(heights) == len(RESULT["records"])
 
 
 def test_a_missing_record_draws_no_bar() -> None:
