@@ -235,3 +235,22 @@ def test_a_program_asking_for_a_device_the_host_does_not_offer(workdir: Path) ->
     res = run_pvbus(["run", "--program", "echo-demo", "--device", "storage", "--disk", "d.img",
                      "--disk-size", "4M"], workdir)
     assert_one_line(res, 1, ["program echo-demo failed", "no device 'echo'", "open: storage"])
+
+
+def test_guest_ram_too_small_for_the_offered_rings(workdir: Path) -> None:
+    """A device whose rings alone take more than the guest's 8 MiB: the guest
+    says its RAM is not enough for the host's devices and how to give more."""
+    from ..bus.harness import SINK_MODULE, env_with, install_plugin
+
+    site = install_plugin(workdir, "bigring", SINK_MODULE.replace("ring_pages=2", "ring_pages=1500"))
+    env = env_with(site)
+    host = subprocess.Popen([*PVBUS, "host", "--socket", "h.sock", "--device", "sink"], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout is not None and host.stdout.readline().startswith("ready")
+        res = subprocess.run([*PVBUS, "guest", "--socket", "h.sock", "--ram", "8", "--program", "idle"],
+                             cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        host.terminate()
+        host.communicate(timeout=60)
+    assert_one_line(res, 1, ["8 MiB of guest RAM is not enough for the host's devices", "--ram"])
