@@ -116,6 +116,8 @@ def _cmd_bench_kinds(args: argparse.Namespace) -> int:
 def _cmd_bench_block(args: argparse.Namespace) -> int:
     from .bench import blockbench
 
+    if args.fio:
+        return blockbench.main_fio(args.json, args.quick)
     return blockbench.main(args.json, args.quick)
 
 
@@ -408,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     block = bench_sub.add_parser("block", help="block workloads natively and through the paravirtual disk")
     block.add_argument("--json", metavar="FILE", help="write the records as JSON")
     block.add_argument("--quick", action="store_true", help="short runs (a smoke test, noisier)")
+    block.add_argument("--fio", action="store_true",
+                       help="fio (the real tool) inside a guest on /dev/pvbus/disk0 beside fio natively "
+                            "(needs root, FUSE and fio)")
     block.set_defaults(func=_cmd_bench_block)
     net = bench_sub.add_parser("net", help="TCP stream and request/response through the pvbus NIC and a veth pair")
     net.add_argument("--json", metavar="FILE", help="write the records as JSON")

@@ -22,7 +22,8 @@ from .helpers import host, image_tree, make_tree, run_ok, skip_unless_ready, too
 def test_ext4_tree_by_tar_and_cp_is_clean_and_identical_on_the_host(tmp_path: Path) -> None:
     skip_unless_ready("mkfs.ext4", "e2fsck", "tar")
     src, more, mnt, image = tmp_path / "src", tmp_path / "more", tmp_path / "mnt", tmp_path / "disk.img"
-    src.mkdir(), more.mkdir(), mnt.mkdir()
+    for directory in (src, more, mnt):
+        directory.mkdir()
     files = make_tree(src, seed=1)
     extra = {f"more/{k}": v for k, v in make_tree(more, seed=2).items()}
     with host(image, "48M") as (_, sock):
@@ -46,7 +47,8 @@ def test_vfat_tree_is_clean_and_identical_on_the_host(tmp_path: Path) -> None:
     by_kernel = _kernel_has("vfat")
     skip_unless_ready("mkfs.fat", "fsck.fat", *(() if by_kernel else ("mcopy",)))
     src, mnt, image = tmp_path / "src", tmp_path / "mnt", tmp_path / "disk.img"
-    src.mkdir(), mnt.mkdir()
+    for directory in (src, mnt):
+        directory.mkdir()
     files = make_tree(src, seed=3)
     copy_in = (f'mount -t vfat /dev/pvbus/disk0 "{mnt}"; cp -r "{src}/." "{mnt}/"' if by_kernel
                else f'mcopy -s -i /dev/pvbus/disk0 "{src}"/* ::/')
