@@ -5,7 +5,8 @@ A workload is fio-like: ``rw`` (read, write, randread, randwrite), ``bs``,
 ``ramp`` seconds.  Both modes issue the same offsets from the same seed.
 
 - native: this process on the image file with ``os.preadv``/``os.pwritev``,
-  one request after another (the container case: one kernel, no device).
+  one request after another (one kernel, no device); the container kind
+  runs the same function inside a container (``container.py``).
 - paravirt: a guest program keeps ``iodepth`` requests in flight through
   the storvsc driver in two lanes of half the depth each (one lane's batch
   is with the host while the other's is built or reaped); a lane submits
@@ -161,7 +162,9 @@ class MeasuringWindow:
         }
 
 
-def run_native(path: str, wl: Workload) -> dict[str, Any]:
+def run_native(path: str, wl: Workload, mode: str = "native") -> dict[str, Any]:
+    """The workload on ``path`` from this process, one request at a time
+    (recorded as ``mode``: ``container`` when this process is one)."""
     fd = os.open(path, (os.O_RDWR if wl.write else os.O_RDONLY) | os.O_CLOEXEC)  # reads never open it for writing
     view = [memoryview(bytearray(os.urandom(wl.bs)))]
     io = os.pwritev if wl.write else os.preadv
@@ -174,7 +177,7 @@ def run_native(path: str, wl: Workload) -> dict[str, Any]:
             window.record(time.perf_counter_ns() - t0)
     finally:
         os.close(fd)
-    return window.result("native", host_cpu_s=0.0)
+    return window.result(mode, host_cpu_s=0.0)
 
 
 async def run_paravirt(kernel: Any, wl: Workload) -> dict[str, Any]:
