@@ -40,7 +40,7 @@ from vmbus import hv
 from vmbus import protocol as P
 from vmbus.channel import Channel
 from vmbus.device import DeviceSpec, GuestDriver, by_interface
-from vmbus.errors import BootError, ChannelRevoked, HostGone, HypercallFailed
+from vmbus.errors import BootError, ChannelRevoked, HostGone, HypercallFailed, NoCommonVersion
 
 from .hypercalls import Hypercalls
 from .memory import DEFAULT_RAM, PAGE_SHIFT, GuestRam
@@ -123,7 +123,7 @@ class GuestKernel:
         self._waiters.pop(key, None)
         self._check_host()
         if scope.cancelled_caught:
-            raise BootError(f"no answer from the host for {key}")
+            raise BootError(f"no answer from the host to {' '.join(map(str, key))} in {RESPONSE_TIMEOUT:.0f} s")
         return slot[1][0]
 
     def _on_message(self, data: bytes) -> None:
@@ -284,7 +284,7 @@ class GuestKernel:
                 self.msg_conn_id = resp.msg_conn_id if new_style else hv.VMBUS_MESSAGE_CONNECTION_ID
                 log.info("negotiated VMBus version %#x", version)
                 return
-        raise BootError("the host supports none of our VMBus versions")
+        raise NoCommonVersion("the host supports none of our VMBus versions")
 
     # -- channels --------------------------------------------------------------
 

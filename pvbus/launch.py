@@ -37,6 +37,8 @@ from .errors import CommandError, UsageError, describe, leaves
 
 log = logging.getLogger("pvbus")
 MIN_RAM_MIB = 8  # the rings of every shipped device, the SynIC pages and I/O buffers, with room
+HOST_START_TIMEOUT = 30.0  # seconds for ``run``'s host to say ready (generous: a loaded machine)
+UNIX_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path), the terminating NUL included (unix(7))
 EMULATED_DISK_CONTROLLERS = ("ide", "dma")  # trapped devices behind --emulated-disks
 
 
@@ -345,6 +347,7 @@ async def _run_program(kernel: Any, name: str, func: Any, argv: list[str]) -> tu
     """Run the guest program: its status, or what it failed with as one
     line (the kernel is shut down cleanly either way; a failure caused by
     the host going away is left to the caller, which says so)."""
+    from guest_kernel.kernel import DeviceState
     from guest_kernel.memory import OutOfGuestMemory
     from vmbus.errors import ChannelRevoked, HostGone
 
@@ -364,7 +367,7 @@ async def _run_program(kernel: Any, name: str, func: Any, argv: list[str]) -> tu
             failure = CommandError(f"program {name} ran out of guest RAM ({short}): "
                                    f"give more than {kernel.ram.size >> 20} MiB with --ram")
         elif revoked is not None:
-            gone = sorted({d.name for d in kernel.devices.values() if d.state.value == "rescinded"})
+            gone = sorted({d.name for d in kernel.devices.values() if d.state is DeviceState.RESCINDED})
             failure = CommandError(f"the host removed {'device ' + ', '.join(gone) if gone else 'a device'} "
                                    f"while program {name} used it ({revoked})")
         else:
@@ -378,7 +381,7 @@ def _guest_failure(kernel: Any, exc: BaseException, socket_path: str, ram_mib: i
     """What to tell the user about a guest that could not go on: one line
     for each known cause, else the exception as it was."""
     from guest_kernel.memory import OutOfGuestMemory
-    from vmbus.errors import BootError, HostGone, HypercallFailed
+    from vmbus.errors import BootError, HostGone, HypercallFailed, NoCommonVersion
 
     found = leaves(exc)
     if kernel.host_gone:
@@ -390,7 +393,7 @@ def _guest_failure(kernel: Any, exc: BaseException, socket_path: str, ram_mib: i
             return e
         if isinstance(e, HostGone):
             return CommandError(str(e))
-        if isinstance(e, BootError) and "versions" in str(e):
+        if isinstance(e, NoCommonVersion):
             return CommandError(f"{e} ({', '.join(map(_version_name, offered))}): offer one it accepts with "
                                 "--versions, or omit --versions for all of ours")
         if isinstance(e, (BootError, HypercallFailed)):
@@ -399,10 +402,6 @@ def _guest_failure(kernel: Any, exc: BaseException, socket_path: str, ram_mib: i
             return CommandError(f"{ram_mib} MiB of guest RAM is not enough for the host's devices ({e}): "
                                 "give more with --ram")
     return exc
-
-
-HOST_START_TIMEOUT = 30.0  # seconds for ``run``'s host to say ready (generous: a loaded machine)
-UNIX_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path), the terminating NUL included (unix(7))
 
 
 def _socket_path_too_long(socket_path: str) -> str | None:

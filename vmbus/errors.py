@@ -32,6 +32,10 @@ class BootError(VmbusError):
     """The guest could not connect, negotiate or enumerate."""
 
 
+class NoCommonVersion(BootError):
+    """The host accepts none of the VMBus versions the guest offered."""
+
+
 class HypercallFailed(VmbusError):
     def __init__(self, what: str, status: int) -> None:
         super().__init__(f"{what} failed with HV_STATUS {status:#x}")
