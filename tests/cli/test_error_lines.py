@@ -122,9 +122,7 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 
 
 def run_pvbus(args: list[str], cwd: Path, command: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([*(command or PVBUS), *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env=env)
+    return subprocess.run([*(command or PVBUS), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def assert_one_line(res: subprocess.CompletedProcess[str], status: int, words: list[str]) -> str:
