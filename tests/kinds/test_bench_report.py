@@ -8,6 +8,7 @@ import json
 import subprocess
 from pathlib import Path
 
+from pvbus.bench.kinds import container_mode
 from pvbus.bench.tables import num
 
 from ..bus.harness import PVBUS
@@ -24,8 +25,8 @@ def test_bench_and_report(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     result = json.loads(out.read_text())
     recs = result["records"]
-    assert {(r["mode"], r["rw"]) for r in recs} == {(m, rw) for m in ("native", "paravirt", "fullvirt", "emulated")
-                                                    for rw in ("read", "randread")}
+    modes = ("native", container_mode(result), "paravirt", "fullvirt", "emulated")
+    assert {(r["mode"], r["rw"]) for r in recs} == {(m, rw) for m in modes for rw in ("read", "randread")}
     for r in recs:
         assert FIELDS <= r.keys() and r["bs"] == 4096 and r["iodepth"] == 8 and r["ios"] > 0
     printed = res.stdout.decode()  # a pipe: the table as Markdown, every number whole
