@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import trio
 
+from .hv import HvStatus
+
 
 class VmbusError(Exception):
     """Base of the bus's errors."""
@@ -37,6 +39,12 @@ class NoCommonVersion(BootError):
 
 
 class HypercallFailed(VmbusError):
+    """A hypercall answered with an error status (named, with its code)."""
+
     def __init__(self, what: str, status: int) -> None:
-        super().__init__(f"{what} failed with HV_STATUS {status:#x}")
+        try:
+            name = HvStatus(status).name
+        except ValueError:
+            name = "unknown"
+        super().__init__(f"{what} failed with HV_STATUS {status:#x} ({name})")
         self.status = status
