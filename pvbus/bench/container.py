@@ -106,7 +106,7 @@ class CgroupLayout:
                 controllers = Path(point, "cgroup.controllers")
                 if controllers.exists() and {"cpu", "memory"} <= set(controllers.read_text().split()):
                     return cls(2, {"": Path(point, own[""])})
-        dirs = {}
+        dirs: dict[str, Path] = {}
         for want in ("cpu", "cpuacct", "memory"):
             for point, fstype, options in mounts:
                 if fstype == "cgroup" and want in options and want in own:
@@ -125,11 +125,11 @@ class CgroupLayout:
             return {"cpu.max": f"{quota} {period}", "memory.max": mem,
                     "cpus": None if quota == "max" else int(quota) / int(period),
                     "memory_bytes": None if mem == "max" else int(mem)}
-        quota = int((self.dirs["cpu"] / "cpu.cfs_quota_us").read_text())
-        period = int((self.dirs["cpu"] / "cpu.cfs_period_us").read_text())
-        mem = int((self.dirs["memory"] / "memory.limit_in_bytes").read_text())
-        return {"cpu.cfs_quota_us": quota, "cpu.cfs_period_us": period, "memory.limit_in_bytes": mem,
-                "cpus": None if quota < 0 else quota / period, "memory_bytes": mem}
+        quota_us = int((self.dirs["cpu"] / "cpu.cfs_quota_us").read_text())
+        period_us = int((self.dirs["cpu"] / "cpu.cfs_period_us").read_text())
+        limit = int((self.dirs["memory"] / "memory.limit_in_bytes").read_text())
+        return {"cpu.cfs_quota_us": quota_us, "cpu.cfs_period_us": period_us, "memory.limit_in_bytes": limit,
+                "cpus": None if quota_us < 0 else quota_us / period_us, "memory_bytes": limit}
 
     def usage(self) -> dict[str, Any]:
         """Peak memory (bytes) and CPU time (seconds) the cgroup's processes used."""

@@ -173,7 +173,7 @@ def exits_per_io(records: Records, mode: str) -> float | None:
     mine = [r for r in records if r["mode"] == mode and r.get("ios")]
     if not mine:
         return None
-    return sum(r["exits_per_io"] * r["ios"] for r in mine) / sum(r["ios"] for r in mine)
+    return float(sum(r["exits_per_io"] * r["ios"] for r in mine) / sum(r["ios"] for r in mine))
 
 
 def container_mode(result: dict[str, Any]) -> str:
