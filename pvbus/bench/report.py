@@ -70,6 +70,10 @@ def bar_chart(result: dict[str, Any], metric: str, title: str) -> Any:
         for x, v in zip(xs, vals, strict=True):
             if v == 0:
                 ax.annotate("0", (x, 0), ha="center", va="bottom", fontsize=8)
+    absent = [m for m in MODES if m not in by and m != "container (plain process)"]
+    if absent:  # every kind present or said to be missing
+        ax.annotate("absent from this run: " + ", ".join(absent), (0.01, 0.97), xycoords="axes fraction",
+                    va="top", fontsize=8)
     ax.set_yscale("symlog", linthresh=min(positive, default=1.0))
     ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(labels))], labels, rotation=15)
     ax.set_title(title)
