@@ -40,6 +40,7 @@ import errno
 import fcntl
 import logging
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -83,6 +84,7 @@ class Mount:
     target: str
     source: str
     fstype: str
+    device: tuple[int, int]  # the file system's (major, minor)
 
 
 def mount_table() -> list[Mount]:
@@ -92,7 +94,9 @@ def mount_table() -> list[Mount]:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            out.append(Mount(int(fields[0]), _unescape(fields[4]), _unescape(fields[sep + 2]), fields[sep + 1]))
+            major, minor = fields[2].split(":")
+            out.append(Mount(int(fields[0]), _unescape(fields[4]), _unescape(fields[sep + 2]), fields[sep + 1],
+                             (int(major), int(minor))))
     return out
 
 
@@ -143,16 +147,17 @@ class GuestNamespaces:
 
     def spawn(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
         """Start ``argv`` with our stdin, stdout and stderr, as PID 1 of a new
-        PID namespace when the machine allows it."""
+        PID namespace when the machine allows it.  It is SIGKILLed if the
+        guest process dies without ending it (PR_SET_PDEATHSIG)."""
         if not self._pid_for_children:
-            return subprocess.Popen(list(argv))
+            return subprocess.Popen(list(argv), preexec_fn=_die_with_parent)
         with open("/proc/self/ns/pid", "rb") as own:
             _check(_libc.unshare(CLONE_NEWPID), "cannot create the program's PID namespace")
             try:
                 # No thread may start in this window (clone(CLONE_THREAD) fails
                 # while children go to another PID namespace): Popen forks and
                 # execs in this thread, and no trio task runs until we return.
-                return subprocess.Popen(list(argv))
+                return subprocess.Popen(list(argv), preexec_fn=_die_with_parent)
             finally:
                 self._restore_pid_for_children(own.fileno())
 
@@ -170,6 +175,21 @@ class GuestNamespaces:
                 _libc.umount2(os.fsencode(m.target), MNT_DETACH)
             done.append(m.target)
         return done
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the guest process goes (a
+    guest killed outright leaves no program behind)."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def mount_fs(fstype: str, target: str) -> None:
+    """Mount a pseudo file system (no device) in this process's namespace."""
+    _check(_libc.mount(fstype.encode(), os.fsencode(target), fstype.encode(), 0, None),
+           f"cannot mount {fstype} on {target}")
 
 
 def _loopback_up() -> None:

@@ -17,6 +17,10 @@ straight onto the driver's block API:
   backing file, so it takes the same path;
 - files are opened ``direct_io``: no guest page cache above the disk, every
   read and write reaches it (a program's ``O_DIRECT`` works too);
+- FUSE's limit on requests in flight (``max_background``, 12 by default,
+  which caps a program's asynchronous queue depth) is raised to
+  ``MAX_BACKGROUND`` through the FUSE control file system, mounted in the
+  guest's namespace where it is not mounted already;
 - the disks' queues do not poll (interrupts only) while presented: the
   same thread reads FUSE requests, and a poll would keep it from them;
 - a disk's size is fixed: a write past the end gets ENOSPC, a truncate is
@@ -51,6 +55,11 @@ import trio
 log = logging.getLogger(__name__)
 
 MOUNTPOINT = "/dev/pvbus"
+FUSE_CONNECTIONS = "/sys/fs/fuse/connections"
+# Requests FUSE lets the file system have in flight at once for asynchronous
+# (libaio) direct I/O: the kernel's default of 12 caps a program's queue
+# depth; a disk takes 256 per queue.
+MAX_BACKGROUND = 128
 RELEASE_WAIT = 10.0  # seconds for programs' files (and loop devices) to let go at the end
 FLUSH_WAIT = 30.0  # seconds for the final SYNCHRONIZE CACHE of each disk
 
@@ -323,6 +332,7 @@ async def presented(disks: dict[str, Any], mountpoint: str = MOUNTPOINT) -> Asyn
         pyfuse3.init(ops, mountpoint, {"fsname=pvbus", "subtype=pvbus", "default_permissions"})
     except RuntimeError as exc:
         raise PresenterError(errno.EIO, f"cannot mount the disks' files on {mountpoint}: {exc}") from None
+    _deepen_queue(mountpoint)
     try:
         async with trio.open_nursery() as nursery:
             # Shielded: programs may still be unmounting through these files
@@ -338,6 +348,27 @@ async def presented(disks: dict[str, Any], mountpoint: str = MOUNTPOINT) -> Asyn
                     serving.cancel()
     finally:
         pyfuse3.close(unmount=True)
+
+
+def _deepen_queue(mountpoint: str) -> None:
+    """Raise the FUSE connection's ``max_background`` (and its congestion
+    threshold, three quarters of it); on any refusal, say so at debug level
+    and keep the kernel's default."""
+    from ..namespaces import NamespaceError, mount_fs, mount_table
+
+    table = mount_table()
+    ours = [m for m in table if m.target == mountpoint and m.fstype.startswith("fuse")]
+    if not ours or ours[-1].device[0] != 0:
+        return
+    try:
+        if not any(m.target == FUSE_CONNECTIONS for m in table):
+            mount_fs("fusectl", FUSE_CONNECTIONS)  # in the guest's mount namespace only
+        connection = os.path.join(FUSE_CONNECTIONS, str(ours[-1].device[1]))
+        for name, value in (("max_background", MAX_BACKGROUND), ("congestion_threshold", MAX_BACKGROUND * 3 // 4)):
+            with open(os.path.join(connection, name), "w") as f:
+                f.write(str(value))
+    except (OSError, NamespaceError) as exc:
+        log.debug("FUSE keeps its default queue depth: %s", exc)
 
 
 async def _serve(scope: trio.CancelScope) -> None:

@@ -40,7 +40,13 @@ def test_status_output_and_input_are_the_programs(tmp_path: Path) -> None:
 def _program_of(proc: subprocess.Popen[bytes], name: str) -> psutil.Process:
     """The guest's program (seen from the host), once it has started."""
     assert proc.stdout is not None and proc.stdout.readline() == b"started\n"
-    (program,) = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name() == name]
+    deadline = time.monotonic() + DEADLINE  # the shell said so, then execs the program
+    while True:
+        found = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name() == name]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    (program,) = found
     return program
 
 
