@@ -221,11 +221,11 @@ FIO_RUNTIME = 3.0  # seconds per job (--quick: 1)
 FIO_SIZE = 256 << 20
 
 
-def fio_command(filename: str, size: int, runtime: float) -> list[str]:
+def fio_command(filename: str, size: int, runtime: float, ramp: float = 0.5) -> list[str]:
     """One fio run of ``FIO_JOBS`` one after another (stonewall), O_DIRECT
     with libaio, JSON on stdout."""
     argv = ["fio", "--output-format=json", f"--filename={filename}", f"--size={size}", "--direct=1",
-            "--ioengine=libaio", "--time_based", f"--runtime={runtime:g}", "--ramp_time=0.5", "--randrepeat=0"]
+            "--ioengine=libaio", "--time_based", f"--runtime={runtime:g}", f"--ramp_time={ramp:g}", "--randrepeat=0"]
     for rw, bs, qd in FIO_JOBS:
         argv += [f"--name={rw}-{size_label(bs)}-qd{qd}", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--stonewall"]
     return argv
@@ -243,7 +243,7 @@ def fio_records(report: dict[str, Any], mode: str) -> list[dict[str, Any]]:
     return out
 
 
-def run_fio_in_guest(image: str, size: int, runtime: float) -> list[dict[str, Any]]:
+def run_fio_in_guest(image: str, size: int, runtime: float, ramp: float = 0.5) -> list[dict[str, Any]]:
     """fio inside a guest (``pvbus guest --exec``) against its disk's file."""
     with tempfile.TemporaryDirectory(prefix="pvbus-bench-") as tmp:
         sock = os.path.join(tmp, "host.sock")
@@ -254,7 +254,7 @@ def run_fio_in_guest(image: str, size: int, runtime: float) -> list[dict[str, An
             if not host.stdout.readline().startswith(b"ready"):
                 raise RuntimeError("the host did not start")
             guest = subprocess.run([sys.executable, "-m", "pvbus", "guest", "--socket", sock, "--ram", "256",
-                                    "--exec", "--", *fio_command("/dev/pvbus/disk0", size, runtime)],
+                                    "--exec", "--", *fio_command("/dev/pvbus/disk0", size, runtime, ramp)],
                                    capture_output=True, timeout=600)
             if guest.returncode != 0:
                 raise RuntimeError(f"fio in the guest failed: {guest.stderr.decode()[-2000:]}")

@@ -22,9 +22,10 @@ def test_fio_in_a_guest_and_natively_give_one_record_per_job(tmp_path: Path) -> 
     skip_unless_ready("fio")
     image = str(tmp_path / "disk.img")
     blockbench.lay_out(image, SIZE)
-    native = subprocess.run(blockbench.fio_command(image, SIZE, 0.2), capture_output=True, check=True, timeout=120)
+    command = blockbench.fio_command(image, SIZE, 0.2, ramp=0)
+    native = subprocess.run(command, capture_output=True, check=True, timeout=120)
     records = blockbench.fio_records(json.loads(native.stdout), "native-fio")
-    records += blockbench.run_fio_in_guest(image, SIZE, 0.2)
+    records += blockbench.run_fio_in_guest(image, SIZE, 0.2, ramp=0)
     jobs = [(rw, bs, qd) for rw, bs, qd in blockbench.FIO_JOBS]
     for mode in ("native-fio", "guest-fio"):
         mine = [r for r in records if r["mode"] == mode]
