@@ -8,6 +8,11 @@ the C calls over ``IncomingRing`` / ``OutgoingRing`` objects of the C core:
 - ``Server``: one ``pv_server`` (``pv_serve`` over a ring pair with a C
   handler, a kick and a stop eventfd, counters kept in C).  ``echo_server``
   makes one with the built-in echo handler (tests and benchmarks).
+- ``Waiter``: the same ``pv_server`` without a handler, for a peer that
+  reads and writes its rings itself but waits the layer's way:
+  ``wait_readable()`` (mask, poll, unmask and re-check, sleep) and
+  ``wait_writable(needed)`` (arm pending_send_sz, re-check, sleep), both
+  in C with the GIL released (the ring benchmark's processes).
 - ``stage_counted`` / ``reap_echoes``: the guest half of that echo: stage
   requests whose payload is their transaction id, reap the answers.
 
@@ -27,12 +32,19 @@ from ._ring_c import ffi, lib
 from .errors import RingFull
 
 __all__ = ["HANDLED", "HANDLED_PUBLISH", "NOT_MINE", "NO_ROOM", "SERVE_CORRUPT", "SERVE_PUNT",
-           "SERVE_SIGNAL", "SERVE_STOPPED", "SERVER_COUNTERS", "EchoReaper", "PollSet", "Server", "echo_server",
-           "reap_echoes", "stage_counted"]
+           "SERVE_SIGNAL", "SERVE_STOPPED", "SERVER_COUNTERS", "EchoReaper", "PollSet", "Server", "Waiter",
+           "echo_server", "reap_echoes", "stage_counted"]
 
-HANDLED, NOT_MINE, NO_ROOM, HANDLED_PUBLISH = lib.PV_HANDLED, lib.PV_NOT_MINE, lib.PV_NO_ROOM, lib.PV_HANDLED_PUBLISH
-SERVE_SIGNAL, SERVE_PUNT = lib.PV_SERVE_SIGNAL, lib.PV_SERVE_PUNT
-SERVE_CORRUPT, SERVE_STOPPED = lib.PV_SERVE_CORRUPT, lib.PV_SERVE_STOPPED
+# What a handler says about one packet (queue.h PV_*).
+HANDLED: int = lib.PV_HANDLED
+NOT_MINE: int = lib.PV_NOT_MINE
+NO_ROOM: int = lib.PV_NO_ROOM
+HANDLED_PUBLISH: int = lib.PV_HANDLED_PUBLISH
+# Why pv_serve (or a wait) returned: bits (queue.h PV_SERVE_*).
+SERVE_SIGNAL: int = lib.PV_SERVE_SIGNAL
+SERVE_PUNT: int = lib.PV_SERVE_PUNT
+SERVE_CORRUPT: int = lib.PV_SERVE_CORRUPT
+SERVE_STOPPED: int = lib.PV_SERVE_STOPPED
 # The counters a pv_server keeps (its struct fields of the same names).
 SERVER_COUNTERS = ("served", "punted", "publishes", "signals", "wakeups", "sleeps", "polls_hit", "ring_full_waits")
 
@@ -51,37 +63,39 @@ class PollSet:
         return int(lib.pv_ring_poll_many(self._handles, len(self.rings), usec))
 
 
-class Server:
-    """A ``pv_server`` over an incoming (requests) and an outgoing (answers)
-    ring: ``serve()`` runs ``pv_serve`` until it returns (a thread may call
-    it: cffi releases the GIL), ``stop()`` (any thread) makes it return
-    ``SERVE_STOPPED``.  ``handle`` is a C function pointer of type
-    ``pv_handler`` from the extension that owns it, ``ctx`` its argument.
-    ``signal_fd``: the peer's eventfd, written by C when a commit says so
-    (None: ``serve`` returns ``SERVE_SIGNAL`` and the caller signals)."""
+class Waiter:
+    """A ``pv_server`` over an incoming and an outgoing ring with the
+    layer's two waits and nothing else: ``wait_readable()`` returns 0 once
+    ``incoming`` has data (its interrupt masked: drain it and commit before
+    waiting again), ``wait_writable(needed)`` 0 once ``outgoing`` has more
+    than ``needed`` free bytes; otherwise SERVE_STOPPED (``stop()``, from
+    any thread) or SERVE_CORRUPT.  Both sleep on a dup of ``kick_fd`` (an
+    eventfd) and spin ``spin_us`` first; the counters are the layer's."""
 
-    def __init__(self, incoming: IncomingRing, outgoing: OutgoingRing, kick_fd: int, *, handle: Any,
-                 ctx: Any = None, signal_fd: int | None = None, spin_us: int = 0, batch_max: int = 0,
+    def __init__(self, incoming: IncomingRing, outgoing: OutgoingRing, kick_fd: int, *, spin_us: int = 0,
                  room_needed: int = 0) -> None:
         self._rings = (incoming, outgoing)  # their handles must outlive ours
-        self._keep: Any = ctx  # (a cffi object ``ctx`` points into must live as long)
         s = self._s = ffi.new("pv_server *")
         s.inbound = ffi.cast("pv_ring *", incoming.c_address)
         s.outbound = ffi.cast("pv_ring *", outgoing.c_address)
-        s.handle = ffi.cast("pv_handler", handle)
-        s.ctx = ffi.NULL if ctx is None else ffi.cast("void *", ctx)
         self._kick = os.dup(kick_fd)  # ours: the owner may close its fd while we poll
-        self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        except OSError:
+            os.close(self._kick)
+            raise
         s.kick_fd, s.stop_fd = self._kick, self._stop
-        s.signal_fd = -1 if signal_fd is None else signal_fd
-        s.spin_us, s.batch_max, s.room_needed = spin_us, batch_max, room_needed
+        s.signal_fd = -1
+        s.spin_us, s.room_needed = spin_us, room_needed
 
-    def serve(self) -> int:
-        """``pv_serve`` once: the SERVE_* bits it returned for."""
-        return int(lib.pv_serve(self._s))
+    def wait_readable(self) -> int:
+        return int(lib.pv_wait_readable(self._s))
+
+    def wait_writable(self, needed: int) -> int:
+        return int(lib.pv_wait_writable(self._s, needed))
 
     def rearm(self) -> None:
-        """Before a new ``serve`` after a stop: clear the stop request."""
+        """Before waiting or serving again after a stop: clear the stop request."""
         self._s.stop = 0
         try:
             os.eventfd_read(self._stop)
@@ -98,6 +112,33 @@ class Server:
     def close(self) -> None:
         os.close(self._kick)
         os.close(self._stop)
+
+
+class Server(Waiter):
+    """A ``pv_server`` over an incoming (requests) and an outgoing (answers)
+    ring: ``serve()`` runs ``pv_serve`` until it returns (a thread may call
+    it: cffi releases the GIL), ``stop()`` (any thread) makes it return
+    ``SERVE_STOPPED``.  ``handle`` is a C function pointer of type
+    ``pv_handler`` from the extension that owns it, ``ctx`` its argument.
+    ``signal_fd``: the peer's eventfd, written by C when a commit says so
+    (None: ``serve`` returns ``SERVE_SIGNAL`` and the caller signals).
+    ``room_needed``: the free bytes one answer needs (PV_NO_ROOM waits for
+    that much)."""
+
+    def __init__(self, incoming: IncomingRing, outgoing: OutgoingRing, kick_fd: int, *, handle: Any,
+                 ctx: Any = None, signal_fd: int | None = None, spin_us: int = 0, batch_max: int = 0,
+                 room_needed: int = 0) -> None:
+        super().__init__(incoming, outgoing, kick_fd, spin_us=spin_us, room_needed=room_needed)
+        self._keep: Any = ctx  # (a cffi object ``ctx`` points into must live as long)
+        s = self._s
+        s.handle = ffi.cast("pv_handler", handle)
+        s.ctx = ffi.NULL if ctx is None else ffi.cast("void *", ctx)
+        s.signal_fd = -1 if signal_fd is None else signal_fd
+        s.batch_max = batch_max
+
+    def serve(self) -> int:
+        """``pv_serve`` once: the SERVE_* bits it returned for."""
+        return int(lib.pv_serve(self._s))
 
 
 def echo_server(incoming: IncomingRing, outgoing: OutgoingRing, kick_fd: int, *, pace_spins: int = 0,

@@ -36,7 +36,7 @@ pending_send_sz (``Channel.wait_for_room``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -107,6 +107,11 @@ class Poller:
 
     def wanted(self) -> bool:
         return bool(self.poll_us) and (self._wanted is None or self._wanted())
+
+    def snapshot(self) -> dict[str, int]:
+        """This queue's statistics for a report (``pvbus inspect`` style):
+        the ``PollerStatistics`` fields and the requests in flight."""
+        return {**asdict(self.stats), "outstanding": self.requestor.outstanding}
 
     # -- holding the interrupt mask -------------------------------------
 

@@ -1,4 +1,4 @@
-"""storvsc packets through the storvsp's C fast path (``storvsp_serve``).
+"""storvsc packets through the storvsp's C fast path (``pv_serve`` with ``storvsp_handle``).
 
 The packets are the storvsp target's (same generator); they go one at a
 time onto a real ring pair in a sealed memfd, and the host's C serves them
@@ -111,13 +111,16 @@ class Rig:
         self.guest_in = IncomingRing(machine.buf, RING, RING, format=True)
         view = machine.memory.view(0, 2 * RING)
         self.host_in, self.host_out = IncomingRing(view, 0, RING), OutgoingRing(view, RING, RING)
-        q = self.q = ffi.new("storvsp_queue *")
+        d = self.d = ffi.new("storvsp_disk *")
+        d.ram = ffi.cast("uint8_t *", machine.memory.c_address)
+        d.ram_pages = machine.memory.pages
+        d.disk_fd, d.block_size, d.blocks = disk.fd, disk.block_size, disk.blocks
+        d.max_transfer, d.read_only = MAX_TRANSFER, int(disk.read_only)
+        q = self.q = ffi.new("pv_server *")
         q.inbound = ffi.cast("pv_ring *", self.host_in.c_address)
         q.outbound = ffi.cast("pv_ring *", self.host_out.c_address)
-        q.ram = ffi.cast("uint8_t *", machine.memory.c_address)
-        q.ram_pages = machine.memory.pages
-        q.disk_fd, q.block_size, q.blocks = disk.fd, disk.block_size, disk.blocks
-        q.max_transfer, q.read_only, q.spin_us = MAX_TRANSFER, int(disk.read_only), 0
+        q.handle, q.ctx, q.room_needed = ffi.addressof(lib, "storvsp_handle"), d, lib.STORVSP_ROOM_NEEDED
+        q.signal_fd, q.spin_us = -1, 0
         self.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         q.kick_fd, q.stop_fd = self.kick, self.stop
@@ -125,15 +128,15 @@ class Rig:
     def serve(self) -> int:
         os.eventfd_write(self.stop, 1)
         while True:
-            rc = lib.storvsp_serve(self.q)
-            if rc & ~lib.SVQ_SIGNAL:
+            rc = lib.pv_serve(self.q)
+            if rc & ~lib.PV_SERVE_SIGNAL:
                 return int(rc)
 
     def close(self) -> None:
         os.close(self.kick)
         os.close(self.stop)
         # The rings export views of the mapping: drop them so it can be unmapped.
-        del self.guest_out, self.guest_in, self.host_in, self.host_out, self.q
+        del self.guest_out, self.guest_in, self.host_in, self.host_out, self.q, self.d
 
 
 def one(rig: Rig, disk: DiskImage, r: Request) -> None:
@@ -142,16 +145,16 @@ def one(rig: Rig, disk: DiskImage, r: Request) -> None:
     is_regular, spans, disk_offset, write = regular(r, disk.blocks, disk.read_only)
     transfer = sum(b - a for a, b in spans)
     ram_before, disk_before = bytes(rig.machine.ram.buf), DISK.read()
-    served_before = int(rig.q.requests)
+    served_before = int(rig.d.requests)
     rc = rig.serve()
     if r.ptype not in KNOWN_TYPES:  # the writer frames any type; the reader refuses unknown ones
-        check(rc & lib.SVQ_CORRUPT and rig.host_in.corrupt, f"unknown packet type {r.ptype} not refused")
+        check(rc & lib.PV_SERVE_CORRUPT and rig.host_in.corrupt, f"unknown packet type {r.ptype} not refused")
         check(inside(changed_ranges(ram_before, rig.machine.ram.buf), [(0, 2 * RING)]), "RAM changed on a bad ring")
         check(DISK.read() == disk_before, "image changed on a bad ring")
         raise RingRefused
-    check(not rc & lib.SVQ_CORRUPT, f"ring reported corrupt ({rc:#x}) on a packet the real writer wrote")
+    check(not rc & lib.PV_SERVE_CORRUPT, f"ring reported corrupt ({rc:#x}) on a packet the real writer wrote")
     if not is_regular:
-        check(rc == lib.SVQ_PUNT and rig.q.requests == served_before, f"irregular request served (rc {rc:#x})")
+        check(rc == lib.PV_SERVE_PUNT and rig.d.requests == served_before, f"irregular request served (rc {rc:#x})")
         check(inside(changed_ranges(ram_before, rig.machine.ram.buf), [(0, 2 * RING)]),
               "guest RAM changed outside the rings for a punted request")
         check(DISK.read() == disk_before, "image changed for a punted request")
@@ -160,7 +163,7 @@ def one(rig: Rig, disk: DiskImage, r: Request) -> None:
         rig.host_in.commit()
         check(rig.guest_in.read_packet() is None, "completion written for a punted request")
         return
-    check(rc == lib.SVQ_STOPPED and rig.q.requests == served_before + 1, f"regular request punted (rc {rc:#x})")
+    check(rc == lib.PV_SERVE_STOPPED and rig.d.requests == served_before + 1, f"regular request punted (rc {rc:#x})")
     after = bytes(rig.machine.ram.buf)
     data = b"".join(after[a:b] for a, b in spans)
     image = DISK.read()

@@ -71,6 +71,18 @@ class StorvspHost(HostDevice):
         # the next request before sleeping on the channel's eventfd.
         self.use_fast_path = bool(config.get("fast_path", True))
         self.poll_us = int(config.get("poll_us", DEFAULT_POLL_US))
+        self.fast_paths: dict[int, FastPath] = {}  # by relid, while served in C
+
+    def snapshot(self) -> dict[str, Any]:
+        """For ``pvbus inspect``: each queue served in C with its queue-layer
+        counters (served, punted, publishes, signals, wakeups, sleeps,
+        polls_hit, ring_full_waits) and the disk's (requests, bytes), and the
+        requests refused in Python by reason."""
+        return {
+            "queues": [{"relid": relid, "sub_channel": fast.channel.sub_index, **fast.statistics()}
+                       for relid, fast in sorted(self.fast_paths.items())],
+            "refused": dict(self.errors),
+        }
 
     async def close(self) -> None:
         self.disk.close()
@@ -80,6 +92,8 @@ class StorvspHost(HostDevice):
     async def serve(self, channel: Channel, memory: GuestMemory) -> None:
         initialised = channel.sub_index > 0  # sub-channels need no handshake
         fast = self._fast_path(channel, memory)
+        if fast is not None:
+            self.fast_paths[channel.relid] = fast
         try:
             while True:
                 limit = 128
@@ -89,6 +103,7 @@ class StorvspHost(HostDevice):
                 initialised = await self._serve_batch(channel, memory, initialised, limit)
         finally:
             if fast is not None:
+                self.fast_paths.pop(channel.relid, None)
                 fast.close()
 
     def _fast_path(self, channel: Channel, memory: GuestMemory) -> FastPath | None:

@@ -5,6 +5,8 @@ measures one-way throughput between two processes (count and CRC-32
 checked) and, at 64 B, the round-trip latency.  The ring runs in two
 wake-up modes: ``interrupt`` (doorbells) and ``polling`` (spin, then the
 doorbell); each in ``single`` (one packet per commit) and ``batched``.
+Both modes wait through the queue layer's own C (``ring.queue.Waiter``,
+see ``ringpair``), so what is measured is the sequence devices run.
 The peers block in their own calls (``blocking``).
 
 Targets are ratios within this one run (the machine is shared and noisy);

@@ -1,21 +1,23 @@
 """Two processes joined by a pair of rings in one memfd, with eventfd doorbells.
 
-This is the ring used bare, the way a channel will use it: ring 0 carries
+This is the ring used bare, the way a channel uses it: ring 0 carries
 side A -> side B, ring 1 carries B -> A, and each side has one incoming
 doorbell that means "look at your rings" (data to read, or room to write),
 as a VMBus channel has one interrupt per direction.
 
-The loops follow the VMBus discipline exactly:
+The wake-ups are the queue layer's own (``ring.queue.Waiter``, the waits of
+``pv_serve`` in ``ring/csrc/queue.c``), so the benchmark measures the code
+devices run:
 
-- a consumer masks interrupts while it drains, takes packets in batches,
-  commits once per batch, signals the producer only when ``commit`` says a
-  blocked writer is now satisfied, then unmasks and re-checks before it
-  sleeps on its doorbell;
+- a consumer waits with ``wait_readable``: its interrupt masked while it
+  drains (it takes packets in batches and commits once per batch,
+  signalling the producer only when ``commit`` says a blocked writer is
+  now satisfied), polling first in polling mode (in C, without the GIL),
+  then unmasking and re-checking before it sleeps on its doorbell;
 - a producer stages a batch, publishes it with one ``commit``, signals only
-  when ``commit`` says so, and when the ring is full arms
-  ``pending_send_sz`` and sleeps until the consumer says there is room;
-- in polling mode a consumer keeps the mask set and spins (in C, without
-  the GIL) before falling back to the doorbell.
+  when ``commit`` says so, and when the ring is full waits with
+  ``wait_writable`` (arm ``pending_send_sz``, re-check, sleep until the
+  consumer says there is room).
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ from ring import (
     SharedMemory,
     pad8,
 )
+from ring.queue import Waiter
 
 from . import workload
 
-POLL_SPINS = 200_000  # about a millisecond of spinning before the doorbell
+POLL_US = 1000  # polling mode: spin this long before the doorbell
 DEFAULT_DATA_SIZE = 2 << 20
 RING_PACKETS = 256
 
@@ -105,37 +108,28 @@ class RingSide:
     me: Doorbell
     peer: Doorbell
     polling: bool
-    sleeps: int = 0
-    masked: bool = False
+    waiter: Waiter = field(init=False)
 
-    # -- waiting ---------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.waiter = Waiter(self.rx, self.tx, self.me.fileno(), spin_us=POLL_US if self.polling else 0)
+
+    @property
+    def sleeps(self) -> int:
+        return self.waiter.counters()["sleeps"]
+
+    # -- waiting (the queue layer's) -----------------------------------------
 
     def wait_readable(self) -> None:
         """Return once ``rx`` has data.  On return interrupts are masked
-        (we are about to drain); ``rx`` must be drained before calling again."""
-        rx = self.rx
-        if self.polling and self.masked and rx.poll(POLL_SPINS):
-            return  # still masked from the last drain: one C call
-        while True:
-            rx.mask()
-            self.masked = True
-            if rx.available or (self.polling and rx.poll(POLL_SPINS)):
-                return
-            self.masked = False
-            if rx.unmask():  # arrived between the check and the unmask
-                continue
-            self.sleeps += 1
-            self.me.wait_blocking()
+        (we are about to drain); ``rx`` must be drained and committed
+        before calling again."""
+        if rc := self.waiter.wait_readable():
+            raise self.rx.corruption() if self.rx.corrupt else RuntimeError(f"ring wait ended ({rc:#x})")
 
     def wait_writable(self, needed: int) -> None:
         """Return once ``tx`` has more than ``needed`` free bytes."""
-        tx = self.tx
-        while tx.write_space <= needed:
-            if tx.arm_pending_send(needed):
-                break
-            self.sleeps += 1
-            self.me.wait_blocking()
-        tx.clear_pending_send()
+        if rc := self.waiter.wait_writable(needed):
+            raise self.tx.corruption() if self.tx.corrupt else RuntimeError(f"ring wait ended ({rc:#x})")
 
     def commit_tx(self) -> None:
         if self.tx.commit():
@@ -216,11 +210,7 @@ class RingSide:
     # -- round trip --------------------------------------------------------
 
     def receive_one(self) -> Any:
-        """Wait for and take one packet (polling: spin and take in one call)."""
-        if self.polling and self.masked:
-            pkt = self.rx.poll_packet(POLL_SPINS)
-            if pkt is not None:
-                return pkt
+        """Wait for and take one packet."""
         self.wait_readable()
         return self.rx.read_packet()
 

@@ -106,6 +106,46 @@ static int signal_peer(pv_server *s)
     return 0;
 }
 
+/* The answer ring is full: ask the peer to signal once `needed` free bytes
+ * exist (the arm re-checks after a full fence) and sleep until then.  The
+ * request ring stays as it was (masked in pv_serve): a request arriving
+ * meanwhile is seen when we come back, and the room signal wakes us.  0:
+ * look again; on a stop pending_send_sz stays armed (harmless: the peer
+ * only signals once more). */
+static int wait_room(pv_server *s, uint32_t needed)
+{
+    int rc;
+
+    s->ring_full_waits++;
+    rc = pv_ring_arm_pending_send(s->outbound, needed);
+    if (rc < 0)
+        return PV_SERVE_CORRUPT;
+    if (rc == 0 && sleep_on_kick(s) == PV_SERVE_STOPPED)
+        return PV_SERVE_STOPPED;
+    pv_ring_clear_pending_send(s->outbound);
+    return 0;
+}
+
+/* The last look found the request ring empty (it is masked): spin for
+ * spin_us, then clear the mask and re-check, then sleep.  0: look again. */
+static int wait_idle(pv_server *s)
+{
+    int64_t more;
+
+    if (s->spin_us && pv_ring_poll_many(&s->inbound, 1, s->spin_us) >= 0) {
+        s->polls_hit++;   /* more work (or a corrupt index the next peek reports) */
+        return 0;
+    }
+    /* Clear the mask, full fence, re-check (ring.c): anything published
+     * while we were masked raised no signal. */
+    more = pv_ring_unmask(s->inbound);
+    if (more < 0)
+        return PV_SERVE_CORRUPT;
+    if (more > 0)
+        return 0;
+    return sleep_on_kick(s);
+}
+
 int pv_serve(pv_server *s)
 {
     uint32_t batch_max = s->batch_max ? s->batch_max : DEFAULT_BATCH;
@@ -117,7 +157,7 @@ int pv_serve(pv_server *s)
         if (stop_requested(s))
             return PV_SERVE_STOPPED;
         /* Masked while draining: the peer need not signal packets we are
-         * about to see anyway (the unmask below re-checks before we sleep).
+         * about to see anyway (wait_idle re-checks before we sleep).
          * pv_ring_mask fences, so the peer sees it before we read on. */
         pv_ring_mask(s->inbound);
         while (served < batch_max) {
@@ -165,38 +205,60 @@ int pv_serve(pv_server *s)
             result |= signal_peer(s);
         if (result)
             return result;
-        if (no_room) {
-            /* The peer is not taking answers: ask it to signal once there is
-             * room for one (the arm re-checks after a full fence) and sleep
-             * until then.  Still masked: a request arriving meanwhile is
-             * seen when we come back, and the room signal wakes us. */
-            s->ring_full_waits++;
-            rc = pv_ring_arm_pending_send(s->outbound, s->room_needed ? s->room_needed : 64);
-            if (rc < 0)
-                return PV_SERVE_CORRUPT;
-            if (rc == 0 && sleep_on_kick(s) == PV_SERVE_STOPPED)
-                return PV_SERVE_STOPPED;
-            pv_ring_clear_pending_send(s->outbound);
-            continue;
-        }
-        if (served)
-            continue;   /* drained a batch: look again before anything else */
-        if (s->spin_us && pv_ring_poll_many(&s->inbound, 1, s->spin_us) >= 0) {
-            s->polls_hit++;   /* more work (or a corrupt index the next peek reports) */
-            continue;
-        }
-        {
-            /* Clear the mask, full fence, re-check (ring.c): anything
-             * published while we were masked raised no signal. */
-            int64_t more = pv_ring_unmask(s->inbound);
-            if (more < 0)
-                return PV_SERVE_CORRUPT;
-            if (more > 0)
-                continue;
-        }
-        if (sleep_on_kick(s) == PV_SERVE_STOPPED)
-            return PV_SERVE_STOPPED;
+        if (no_room)
+            rc = wait_room(s, s->room_needed ? s->room_needed : 64);
+        else if (served)
+            rc = 0;   /* drained a batch: look again before anything else */
+        else
+            rc = wait_idle(s);
+        if (rc)
+            return rc;
     }
+}
+
+int pv_wait_readable(pv_server *s)
+{
+    for (;;) {
+        int64_t avail;
+        int rc;
+
+        if (stop_requested(s))
+            return PV_SERVE_STOPPED;
+        pv_ring_mask(s->inbound);   /* fenced: see pv_serve */
+        avail = pv_ring_read_available(s->inbound);
+        if (avail < 0)
+            return PV_SERVE_CORRUPT;
+        if (avail > 0)
+            return 0;
+        rc = wait_idle(s);
+        if (rc)
+            return rc;
+    }
+}
+
+int pv_wait_writable(pv_server *s, uint32_t needed)
+{
+    for (;;) {
+        int64_t space = pv_ring_write_space(s->outbound);
+        int rc;
+
+        if (space < 0)
+            return PV_SERVE_CORRUPT;
+        if (space > needed)
+            return 0;
+        if (stop_requested(s))
+            return PV_SERVE_STOPPED;
+        rc = wait_room(s, needed);
+        if (rc)
+            return rc;
+    }
+}
+
+uint32_t pv_unpublished(const pv_ring *out)
+{
+    /* Both indices are our own private copies (ring.h): no ordering needed. */
+    return out->write_staged >= out->write_published ? out->write_staged - out->write_published
+                                                     : out->size - out->write_published + out->write_staged;
 }
 
 int pv_echo_handler(void *ctx, pv_ring *in, const pv_packet *pkt, pv_ring *out)

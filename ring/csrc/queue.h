@@ -70,6 +70,23 @@ typedef struct {
 
 int pv_serve(pv_server *s);
 
+/* The two waits of pv_serve on their own, for a peer that drives its rings
+ * itself (the ring benchmark's processes) over the same pv_server fields
+ * (handle, ctx and batch_max unused; stop_fd may be -1).
+ *
+ * pv_wait_readable: return 0 once `inbound` has data, with its interrupt
+ * masked (the caller drains it and commits before calling again); in
+ * between poll for spin_us, unmask and re-check, sleep on kick_fd.
+ * pv_wait_writable: return 0 once `outbound` has more than `needed` free
+ * bytes; in between arm pending_send_sz (which re-checks) and sleep.
+ * Both: else PV_SERVE_STOPPED or PV_SERVE_CORRUPT. */
+int pv_wait_readable(pv_server *s);
+int pv_wait_writable(pv_server *s, uint32_t needed);
+
+/* Bytes staged in `out` and not yet published: 0 right after the layer's
+ * commit, so a handler can tell where a publish batch starts. */
+uint32_t pv_unpublished(const pv_ring *out);
+
 /* A host handler for tests and benchmarks: answers every packet that asks
  * for a completion with a completion carrying the same payload (512 bytes
  * at most, larger ones are NOT_MINE); others are taken silently.  `ctx` is

@@ -23,7 +23,6 @@ run (``make stress``); the test suite runs a short one.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import subprocess
 import sys
@@ -152,10 +151,15 @@ async def run_guest(requests: int, *, broken: bool, stall: float = 3.0, seed: in
     guest_out = OutgoingRing(shm.buf, 0, RING_BYTES, format=True)
     guest_in = IncomingRing(shm.buf, RING_BYTES, RING_BYTES, format=True)
     to_host, to_guest = Doorbell(), Doorbell()
-    channel = Channel(1, guest_out, guest_in, to_host.ring, to_guest.wait)
+
+    async def wait_interrupt() -> None:
+        await to_guest.wait()
+
+    channel = Channel(1, guest_out, guest_in, to_host.ring, wait_interrupt)
     queue = EchoQueue(channel, broken=broken, seed=seed)
     host = subprocess.Popen(
-        [sys.executable, "-m", "tests.queue.stress", "--serve", str(shm.fd), str(to_host.fileno()), str(to_guest.fileno())],
+        [sys.executable, "-m", "tests.queue.stress", "--serve", str(shm.fd), str(to_host.fileno()),
+         str(to_guest.fileno())],
         pass_fds=(shm.fd, to_host.fileno(), to_guest.fileno()),
     )
     rng = random.Random(seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,7 +53,7 @@ async def test_large_transfers_as_advertised(tmp_path: Path, size: int) -> None:
     try:
         config = {"path": str(image), "subchannels": 0, "max_transfer": size}
         async with open_device_pair(STORAGE, config=config, ram=ram) as pair:
-            disk = pair.guest
+            disk: Any = pair.guest  # the storvsc driver
             assert disk.max_transfer == size
             first, second = os.urandom(size), os.urandom(size)
             await disk.write(0, first)
@@ -65,7 +66,8 @@ async def test_large_transfers_as_advertised(tmp_path: Path, size: int) -> None:
                 assert hashlib.sha256(buf.view).digest() == hashlib.sha256(second).digest()
             with pytest.raises(ValueError, match="exceed the largest transfer"):
                 await disk.read(0, size + 512)
-            assert pair.host.errors == {}  # nothing was refused on the host
+            host: Any = pair.host  # the storvsp
+            assert host.errors == {}  # nothing was refused on the host
         on_disk = image.read_bytes()
         assert hashlib.sha256(on_disk[:size]).digest() == hashlib.sha256(first).digest()
         assert hashlib.sha256(on_disk[size + 512 : 2 * size + 512]).digest() == hashlib.sha256(second).digest()

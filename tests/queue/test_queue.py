@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ring import IncomingRing, OutgoingRing, PacketType, SharedMemory
+from ring import IncomingRing, OutgoingRing, PacketType, RingFull, SharedMemory
 from ring.queue import EchoReaper, stage_counted
 from vmbus.channel import Channel, Requestor
 from vmbus.queue import Poller
@@ -92,3 +92,70 @@ async def test_two_process_stress_loses_no_wake_up() -> None:
     outcome = await run_guest(20_000, broken=False)
     assert not outcome.lost_wakeup
     assert outcome.completed == 20_000 and outcome.wrong == 0
+
+
+def _waiting_pair(shm: SharedMemory) -> tuple[OutgoingRing, IncomingRing, IncomingRing, OutgoingRing]:
+    """(peer's producer, our consumer) over ring 0, (peer's consumer, our producer) over ring 1."""
+    peer_out = OutgoingRing(shm.buf, 0, RING, format=True)
+    peer_in = IncomingRing(shm.buf, RING, RING, format=True)
+    return peer_out, IncomingRing(shm.buf, 0, RING), peer_in, OutgoingRing(shm.buf, RING, RING)
+
+
+def test_the_layer_waits_wake_on_the_peers_signals_and_on_stop() -> None:
+    """``Waiter`` (the waits of pv_serve on their own, as the ring benchmark
+    uses them): a sleeping ``wait_readable`` is woken by the signal the
+    peer's commit asks for and returns masked; a sleeping ``wait_writable``
+    by the signal the peer's read commit asks for once there is room; a
+    stop wakes either."""
+    import os
+    import threading
+
+    from ring.queue import SERVE_STOPPED, Waiter
+
+    shm = SharedMemory.create(2 * RING)
+    kick = os.eventfd(0, os.EFD_CLOEXEC)  # blocking: the layer must not care
+    try:
+        peer_out, mine_in, peer_in, mine_out = _waiting_pair(shm)
+        waiter = Waiter(mine_in, mine_out, kick)
+        results: list[int] = []
+
+        def in_thread(call: Any, *args: Any) -> threading.Thread:
+            t = threading.Thread(target=lambda: results.append(call(*args)))
+            t.start()
+            return t
+
+        t = in_thread(waiter.wait_readable)
+        peer_out.write(b"x" * 8, trans_id=1)
+        if peer_out.commit():  # empty -> non-empty, unmasked (or already masked: no signal needed)
+            os.eventfd_write(kick, 1)
+        t.join(60)
+        assert not t.is_alive() and results == [0]
+        assert int.from_bytes(bytes(shm.buf[8:12]), "little") == 1  # returned masked, for the drain
+        assert mine_in.read_packet() is not None
+        mine_in.commit()
+
+        # Fill our outgoing ring, then wait for room for one more packet.
+        while True:
+            try:
+                mine_out.write(b"y" * 512, trans_id=2)
+            except RingFull:
+                break
+        mine_out.commit()
+        t = in_thread(waiter.wait_writable, 1024)
+        taken = 0
+        while peer_in.read_packet() is not None:
+            taken += 1
+        if peer_in.commit():  # the reader's side of pending_send_sz
+            os.eventfd_write(kick, 1)
+        t.join(60)
+        assert not t.is_alive() and results == [0, 0] and taken > 2
+        assert mine_out.write_space > 1024
+
+        t = in_thread(waiter.wait_readable)  # nothing will come: only a stop ends it
+        waiter.stop()
+        t.join(60)
+        assert not t.is_alive() and results == [0, 0, SERVE_STOPPED]
+        waiter.close()
+    finally:
+        os.close(kick)
+        shm.close()

@@ -3,7 +3,8 @@
 Guest RAM is a sealed memfd; the host sees it through ``GuestMemory``; the
 two rings lie at its start; the disk is an image file.  The guest's C
 builds requests (``storvsc_stage``) and reaps completions
-(``storvsc_reap``); the host's C serves them (``storvsp_serve``).  Pinned
+(``storvsc_reap``); the host's C serves them (the queue layer's ``pv_serve``
+with the storvsp's handler ``storvsp_handle``).  Pinned
 here: the C wire layout equals the Python structs, both C builders write
 exactly the bytes the Python path would, data lands where it should, and
 anything the host's C does not serve is left unread for Python.
@@ -58,7 +59,8 @@ class Rig:
     guest_in: IncomingRing  # completions, guest side
     host_in: IncomingRing
     host_out: OutgoingRing
-    q: Any
+    q: Any  # the pv_server
+    disk_state: Any  # the handler's storvsp_disk
     stop_fd: int
     kick_fd: int
 
@@ -80,8 +82,8 @@ class Rig:
         with ``stop_fd`` rung it returns STOPPED instead of sleeping."""
         os.eventfd_write(self.stop_fd, 1)
         while True:
-            rc = hlib.storvsp_serve(self.q)
-            if rc & ~hlib.SVQ_SIGNAL:
+            rc = hlib.pv_serve(self.q)
+            if rc & ~hlib.PV_SERVE_SIGNAL:
                 return int(rc)
 
     def reap(self) -> list[Any]:
@@ -108,17 +110,20 @@ def _rig(tmp_path: Path, *, read_only: bool = False, completion_ring: int = RING
     host_view = memory.view(0, RING + completion_ring)
     host_in = IncomingRing(host_view, 0, RING)
     host_out = OutgoingRing(host_view, RING, completion_ring)
-    q = hffi.new("storvsp_queue *")
+    d = hffi.new("storvsp_disk *")
+    d.ram = hffi.cast("uint8_t *", memory.c_address)
+    d.ram_pages = memory.pages
+    d.disk_fd, d.block_size, d.blocks = disk.fd, disk.block_size, disk.blocks
+    d.max_transfer, d.read_only = MAX_TRANSFER, int(read_only)
+    q = hffi.new("pv_server *")
     q.inbound = hffi.cast("pv_ring *", host_in.c_address)
     q.outbound = hffi.cast("pv_ring *", host_out.c_address)
-    q.ram = hffi.cast("uint8_t *", memory.c_address)
-    q.ram_pages = memory.pages
-    q.disk_fd, q.block_size, q.blocks = disk.fd, disk.block_size, disk.blocks
-    q.max_transfer, q.read_only = MAX_TRANSFER, int(read_only)
+    q.handle, q.ctx = hffi.addressof(hlib, "storvsp_handle"), d
+    q.room_needed, q.signal_fd = hlib.STORVSP_ROOM_NEEDED, -1
     kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     q.kick_fd, q.stop_fd, q.spin_us = kick_fd, stop_fd, 0
-    return Rig(shm, memory, disk, path, guest_out, guest_in, host_in, host_out, q, stop_fd, kick_fd)
+    return Rig(shm, memory, disk, path, guest_out, guest_in, host_in, host_out, q, d, stop_fd, kick_fd)
 
 
 @pytest.fixture
@@ -149,7 +154,7 @@ def test_wire_layout_is_the_python_structs() -> None:
     assert gffi.sizeof("struct sv_srb") == S.SCSI_REQUEST_SIZE == offset
     assert gffi.sizeof("struct sv_packet") == S.PACKET_SIZE
     assert gffi.offsetof("struct sv_packet", "srb") == 12
-    assert hffi.sizeof("storvsp_queue") > 0
+    assert hffi.sizeof("storvsp_disk") > 0 and hlib.STORVSP_ROOM_NEEDED == 16 + S.PACKET_SIZE + 8 + 8
 
 
 def test_guest_builds_the_bytes_the_python_driver_would(rig: Rig) -> None:
@@ -171,14 +176,14 @@ def test_host_moves_data_and_completes_byte_for_byte_like_python(rig: Rig) -> No
     pattern = os.urandom(3 * 4096)
     rig.page(DATA_PFN, 3)[:] = pattern
     rig.stage((True, False, 40, 24, DATA_PFN, 1), (True, True, 100, 8, DATA_PFN + 2, 2))
-    assert rig.serve() == hlib.SVQ_STOPPED
-    assert rig.q.requests == 2 and rig.q.bytes_written == 4 * 4096
+    assert rig.serve() == hlib.PV_SERVE_STOPPED
+    assert rig.disk_state.requests == 2 and rig.disk_state.bytes_written == 4 * 4096
     image = rig.path.read_bytes()
     assert image[40 * 512 : 40 * 512 + 3 * 4096] == pattern
     assert image[100 * 512 : 100 * 512 + 4096] == pattern[2 * 4096 :]
 
     rig.stage((False, False, 40, 24, DATA_PFN + 10, 5))
-    assert rig.serve() == hlib.SVQ_STOPPED
+    assert rig.serve() == hlib.PV_SERVE_STOPPED
     assert bytes(rig.page(DATA_PFN + 10, 3)) == pattern
 
     done = rig.reap()
@@ -227,8 +232,8 @@ def test_host_leaves_what_it_does_not_serve_unread_for_python(rig: Rig, case: st
     before = rig.path.read_bytes()
     rig.page(DATA_PFN, 2)[:] = bytes(8192)
     IRREGULAR[case](rig)
-    assert rig.serve() == hlib.SVQ_PUNT
-    assert rig.q.requests == 0 and rig.q.punted == 1
+    assert rig.serve() == hlib.PV_SERVE_PUNT
+    assert rig.disk_state.requests == 0 and rig.q.punted == 1
     assert rig.reap() == []  # no completion written
     assert bytes(rig.page(DATA_PFN, 2)) == bytes(8192)  # nothing read into guest RAM
     assert rig.path.read_bytes() == before
@@ -243,7 +248,7 @@ def test_host_punts_writes_to_a_read_only_disk(tmp_path: Path) -> None:
     try:
         before = r.path.read_bytes()
         r.stage((True, False, 0, 8, DATA_PFN, 4))
-        assert r.serve() == hlib.SVQ_PUNT
+        assert r.serve() == hlib.PV_SERVE_PUNT
         assert r.path.read_bytes() == before and r.reap() == []
     finally:
         _close(r)
@@ -251,7 +256,7 @@ def test_host_punts_writes_to_a_read_only_disk(tmp_path: Path) -> None:
 
 def test_host_reports_a_corrupt_ring(rig: Rig) -> None:
     struct.pack_into("<I", rig.shm.buf, 0, 12345)  # an unaligned write index in the request ring
-    assert rig.serve() & hlib.SVQ_CORRUPT
+    assert rig.serve() & hlib.PV_SERVE_CORRUPT
     assert rig.host_in.corrupt
 
 
@@ -259,14 +264,14 @@ def test_host_waits_for_room_for_completions_then_goes_on(tmp_path: Path) -> Non
     r = _rig(tmp_path, completion_ring=4096 + 4096)  # room for 46 completions of 88 bytes
     try:
         r.stage(*[(False, False, i * 8, 8, DATA_PFN + i, i + 1) for i in range(60)])
-        assert r.serve() == hlib.SVQ_STOPPED  # asleep waiting for room, woken by stop_fd
-        first = r.q.requests
+        assert r.serve() == hlib.PV_SERVE_STOPPED  # asleep waiting for room, woken by stop_fd
+        first = r.disk_state.requests
         assert 40 <= first < 60 and r.q.ring_full_waits == 1
         assert struct.unpack_from("<I", r.shm.buf, RING + 12)[0] > 0  # the host armed pending_send_sz
         reaped = r.reap()
         assert [c.trans_id for c in reaped] == list(range(1, first + 1))
-        assert r.serve() == hlib.SVQ_STOPPED
-        assert r.q.requests == 60
+        assert r.serve() == hlib.PV_SERVE_STOPPED
+        assert r.disk_state.requests == 60
         assert [c.trans_id for c in r.reap()] == list(range(first + 1, 61))
         image = r.path.read_bytes()
         for i in (0, 59):
@@ -312,14 +317,14 @@ def test_host_publishes_large_transfers_one_by_one_and_small_ones_in_a_batch(rig
     # is done (the guest may be waiting for just that one), with a signal.
     blocks = (256 << 10) // 512
     rig.stage(*[(False, False, 0, blocks, DATA_PFN + 64 * i, i + 1) for i in range(3)])
-    assert hlib.storvsp_serve(rig.q) == hlib.SVQ_SIGNAL
-    assert rig.q.requests == 1 and published() == 1
-    assert rig.serve() == hlib.SVQ_STOPPED
+    assert hlib.pv_serve(rig.q) == hlib.PV_SERVE_SIGNAL
+    assert rig.disk_state.requests == 1 and published() == 1
+    assert rig.serve() == hlib.PV_SERVE_STOPPED
     assert [c.trans_id for c in rig.reap()] == [1, 2, 3]
     # Sixteen 4 KiB reads: served, then published with one index store.
     rig.stage(*[(False, False, i * 8, 8, DATA_PFN + i, 10 + i) for i in range(16)])
-    assert hlib.storvsp_serve(rig.q) == hlib.SVQ_SIGNAL
-    assert rig.q.requests == 19 and published() == 16
+    assert hlib.pv_serve(rig.q) == hlib.PV_SERVE_SIGNAL
+    assert rig.disk_state.requests == 19 and published() == 16
 
 
 def test_letting_go_re_checks_after_its_own_reap(rig: Rig) -> None:
