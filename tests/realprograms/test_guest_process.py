@@ -146,3 +146,33 @@ def test_a_missing_disk_to_mount_is_one_line(tmp_path: Path) -> None:
     lines = done.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "cannot mount disk1: this guest has disk0" in lines[0], lines
     assert os.path.exists(tmp_path / "disk.img")
+
+
+HANDLER = '''
+import signal, sys
+
+def stop(signum, frame):
+    print("got", signal.Signals(signum).name, flush=True)
+    sys.exit(3)
+
+signal.signal(signal.SIGTERM, stop)
+print("started", flush=True)
+signal.pause()
+'''
+
+
+def test_a_signal_to_the_guest_reaches_the_program(tmp_path: Path) -> None:
+    skip_unless_ready()
+    with host(tmp_path / "disk.img", "8M") as (_, sock):
+        proc = subprocess.Popen(guest_command(sock, ["python3", "-c", HANDLER]), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == b"started\n"
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert out == b"got SIGTERM\n", err
+    assert proc.returncode == 3
