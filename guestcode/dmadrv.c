@@ -144,10 +144,12 @@ __attribute__((noreturn, used)) static void user_main(void)
 __attribute__((noreturn, used)) static void kernel_main(void)
 {
     install_tables();
-    /* to ring 3: SS, RSP, RFLAGS (IF), CS, RIP */
+    /* to ring 3: SS, RSP, RFLAGS, CS, RIP; interrupts on only when the job
+     * waits for them (a polling driver keeps the line masked) */
+    unsigned long rflags = JOB->use_irq ? 0x202 : 0x002;
     __asm__ volatile(
         "pushq %0\n pushq %1\n pushq %2\n pushq %3\n pushq %4\n iretq"
-        : : "i"(USER_DS), "i"(STACK_TOP), "i"(0x202), "i"(USER_CS), "r"(user_main) : "memory");
+        : : "i"(USER_DS), "i"(STACK_TOP), "r"(rflags), "i"(USER_CS), "r"(user_main) : "memory");
     __builtin_unreachable();
 }
 

@@ -133,9 +133,10 @@ class GuestMachine:
         try:
             os.ftruncate(fd, ram)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-            self.memory = GuestMemory(fd, ram)
-        finally:
+            self.memory = GuestMemory(fd, ram)  # owns the fd from here on
+        except BaseException:
             os.close(fd)
+            raise
         self.ram = ram
         self.raised = 0
         self.load(CODE_GPA, binary(X86_BINARY) if code is None else code)
@@ -180,3 +181,60 @@ class GuestMachine:
 def lba_list(offsets: Any, count: int) -> tuple[int, ...]:
     """The first ``count`` byte offsets of a workload as LBAs."""
     return tuple(next(offsets) // 512 for _ in range(min(count, MAX_LBAS)))
+
+
+# -- block jobs: the driver against the DMA controller's device model --------------------------
+
+INT_ACK = 0x30  # the register a request's completion ends with (both completion modes)
+
+
+async def run_job(machine: GuestMachine, image: str, job: Job, drive: Any, *, writable: bool,
+                  on_access: Any = None) -> dict[str, int]:
+    """Run ``job`` to the guest's power-off with ``drive(model, on_access)``
+    (a back end's ``run``), the device model serving ``image``."""
+    from host_drivers.emulated.dma import DmaDisk
+    from host_drivers.storage.backend import DiskImage
+
+    machine.set_job(job)
+    model = DmaDisk(DiskImage(image, read_only=not writable), machine)
+    try:
+        await drive(model, on_access)
+    finally:
+        model.close()
+    return machine.results()
+
+
+def copy_job(size: int, bs: int, write: bool) -> Job:
+    """Every block of a ``size``-byte disk, in order, between the disk and
+    one contiguous buffer (each request ``bs`` bytes further on)."""
+    return Job(OP_WRITE if write else OP_READ, bs // 512, lbas=tuple(range(0, size // 512, bs // 512)), stride=bs,
+               max_requests=size // bs)
+
+
+async def measure(machine: GuestMachine, image: str, wl: Any, mode: str, drive: Any, exits: Any,
+                  use_irq: bool) -> dict[str, Any]:
+    """One workload of ``blockload`` through the guest driver: the same
+    offsets (as LBAs, used in turn), one request at a time; a request's
+    latency is the time between consecutive completions (the driver's
+    whole cycle); the guest is told to stop when the window closes."""
+    import time
+
+    from .blockload import MeasuringWindow
+
+    count = MAX_LBAS if wl.random else max(1, wl.size // wl.bs)
+    if wl.write:
+        machine.load(BUFFER_GPA, os.urandom(wl.bs))
+    job = Job(OP_WRITE if wl.write else OP_READ, wl.bs // 512, lbas=lba_list(wl.offsets(), count), use_irq=use_irq)
+    window = MeasuringWindow(wl, lambda: (exits(), machine.raised, 0))
+    last = [time.perf_counter_ns()]
+
+    def on_access(offset: int, write: bool) -> None:
+        if write and offset == INT_ACK:
+            now = time.perf_counter_ns()
+            window.record(now - last[0])
+            last[0] = now
+            if not window.going():
+                machine.stop()
+
+    await run_job(machine, image, job, drive, writable=wl.write, on_access=on_access)
+    return window.result(mode)

@@ -280,3 +280,23 @@ def run_compute(machine: GuestMachine, length: int) -> tuple[int, float, Counter
         return machine.results()["checksum"], seconds, vcpu.exits
     finally:
         vcpu.close()
+
+
+MECHANISM = "KVM vCPU (hardware virtualization), DMA controller by MMIO exits, completion by injected interrupt"
+
+
+def run_block(image: str, wl: Any) -> dict[str, Any]:
+    """One ``blockload`` workload by the guest driver in a vCPU: a record
+    like the trapped modes' plus the mechanism and the exits by reason."""
+    import trio
+
+    machine = GuestMachine()
+    vcpu = Vcpu(machine)
+    try:
+        rec = trio.run(guestbin.measure, machine, image, wl, "fullvirt", vcpu.run,
+                       lambda: sum(vcpu.exits.values()), True)
+    finally:
+        vcpu.close()
+        machine.close()
+    rec.update(mechanism=MECHANISM, exits_by_reason=dict(vcpu.exits), interrupts_injected=vcpu.injected)
+    return rec
