@@ -485,6 +485,9 @@ class GuestKernel:
 
     async def shutdown(self) -> None:
         for dev in list(self.devices.values()):
+            if dev.primary is None and dev.state is DeviceState.OPEN and dev.driver is not None:
+                await dev.driver.quiesce()  # before any channel closes (a socket's linger)
+        for dev in list(self.devices.values()):
             if dev.primary is None:
                 await self.close_device(dev)
         if self.version is not None:

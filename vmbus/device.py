@@ -105,6 +105,11 @@ class GuestDriver:
         hand it to ``add_subchannel``.  None is claimed by default."""
         return False
 
+    async def quiesce(self) -> None:
+        """The guest shuts down and is about to close every channel: finish
+        what is still owed to the host first (a socket's last bytes), within
+        a bound of the driver's own.  Nothing by default."""
+
     async def stop(self) -> None:
         """The device is going away (shutdown or rescind)."""
 

@@ -21,6 +21,12 @@ the host still sends until the host rescinds the channel, which is how
 every connection ends.  A rescind before the host's FIN is a reset: the
 stream's users get ``trio.BrokenResourceError`` once the data that came
 before it has been read.
+
+Shutting down (``quiesce``, before the kernel closes any channel): every
+stream still open is closed as above, and the kernel waits up to
+``CLOSE_TIMEOUT`` seconds (Linux's HVS_CLOSE_TIMEOUT) for the host to
+rescind them all.  Closing a channel instead takes whatever the host had
+not yet read of it (a program's last reply, still in the ring) with it.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ log = logging.getLogger(__name__)
 FIRST_LOCAL_PORT = 1024  # the vsock core's ephemeral range starts here
 DEFAULT_RECEIVE = 64 << 10
 CONNECT_TIMEOUT = 10.0  # seconds from the host's answer to the channel being open
+CLOSE_TIMEOUT = 8.0  # seconds a shutdown waits for the host to end closed connections (HVS_CLOSE_TIMEOUT)
 
 
 class HvSocketStream(trio.abc.HalfCloseableStream):
@@ -114,7 +121,11 @@ class HvSocketStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            self._nursery.start_soon(self._linger)
+            # Once the host has rescinded the channel (its usual way of ending
+            # a connection whose data are all read) there is nothing to linger
+            # for, and the channel's nursery is gone or going.
+            if self._pipe.channel.active:
+                self._nursery.start_soon(self._linger)
         await trio.lowlevel.checkpoint()
 
     async def _linger(self) -> None:
@@ -185,9 +196,22 @@ class SocketsDriver(GuestDriver):
         self._claimed: dict[int, tuple[hvsock.SocketOffer, _Connecting | HvSocketListener]] = {}
         self._local_ports = itertools.cycle(range(FIRST_LOCAL_PORT, hvsock.MAX_PORT + 1))
         self.counters: collections.Counter[str] = collections.Counter()
+        self._streams: set[HvSocketStream] = set()  # every connection the host has not rescinded yet
+        self._streams_changed = trio.Event()
 
     async def start(self, nursery: trio.Nursery) -> None:
         nursery.start_soon(self.requests.run)
+
+    async def quiesce(self) -> None:
+        """Close every connection and wait (``CLOSE_TIMEOUT`` at most) until
+        the host has rescinded them: it has then relayed all they sent."""
+        for stream in list(self._streams):
+            await stream.aclose()
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            while self._streams:
+                await self._streams_changed.wait()
+        if self._streams:
+            self.counters["closes_timed_out"] += len(self._streams)
 
     async def stop(self) -> None:
         self.requests.fail_all()
@@ -223,11 +247,12 @@ class SocketsDriver(GuestDriver):
         if claimed is None:
             return
         found, owner = claimed
-        # The nursery lives until the host rescinds the channel (the kernel
-        # cancels it then); a task of its own keeps it open for a closing
-        # stream's linger.
-        nursery.start_soon(trio.sleep_forever)
         stream = HvSocketStream(channel, nursery, found.service, found.endpoint)
+        # The nursery lives until the host rescinds the channel (the kernel
+        # cancels it then); this task keeps it open for a closing stream's
+        # linger and tells ``quiesce`` when the connection is gone.
+        self._streams.add(stream)
+        nursery.start_soon(self._until_rescinded, stream)
         if isinstance(owner, HvSocketListener):
             if not owner.deliver(stream):
                 await stream.aclose()
@@ -236,6 +261,14 @@ class SocketsDriver(GuestDriver):
             owner.ready.set()
         else:  # the connect gave up meanwhile
             await stream.aclose()
+
+    async def _until_rescinded(self, stream: HvSocketStream) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._streams.discard(stream)
+            self._streams_changed.set()
+            self._streams_changed = trio.Event()
 
     # -- what programs call --------------------------------------------------------
 

@@ -58,11 +58,13 @@ class Connection:
         self._finished = finished
         self._ended = False
         self.pipe: hvsock.PipeChannel | None = None
+        self.to_host = self.to_guest = 0  # bytes, as counted when the relay ended
 
     def snapshot(self) -> dict[str, Any]:
         pipe = self.pipe
         return {"relid": self.relid, "service": hvsock.describe(self.service), "open": self.opened.is_set(),
-                "to_host": pipe.bytes_received if pipe else 0, "to_guest": pipe.bytes_sent if pipe else 0}
+                "to_host": pipe.bytes_received if pipe else self.to_host,
+                "to_guest": pipe.bytes_sent if pipe else self.to_guest}
 
     async def wait_open(self, timeout: float) -> bool:
         with trio.move_on_after(timeout):
@@ -87,8 +89,8 @@ class Connection:
         except* (ChannelRevoked, ChannelClosed):
             self._count("closed_by_guest")
         finally:
-            log.debug("channel %s: %d bytes to the host, %d to the guest, %d after the guest's FIN", self.relid,
-                      pipe.bytes_received, pipe.bytes_sent, pipe.data_after_eof)
+            if pipe.data_after_eof:
+                self._count("data_after_fin")
             await self.end()
 
     async def abandon(self) -> None:
@@ -101,6 +103,12 @@ class Connection:
         if self._ended:
             return
         self._ended = True
+        if self.pipe is not None:
+            # Let go of the channel: its rings pin the mapping of guest RAM,
+            # which a partition going away must be able to unmap (and the
+            # bus keeps ``serve``, hence this connection, until then).
+            self.to_host, self.to_guest = self.pipe.bytes_received, self.pipe.bytes_sent
+            self.pipe = None
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
         if self.relid is not None:

@@ -356,15 +356,22 @@ class PipeChannel:
         rescind before that would take its last bytes with the channel.
         Gives up (False) only when the peer reads nothing for
         ``idle_timeout`` seconds: a slow reader is waited for, a stuck one
-        is not."""
+        is not.  A wake-up that shows no progress proves nothing (on the
+        host every drain of the reader wakes us, room or not), so the
+        deadline moves only when the ring's free space grows."""
         out = self.channel.outgoing
+        deadline = trio.current_time() + idle_timeout
         while (space := out.write_space) < out.data_size:
+            if trio.current_time() >= deadline:
+                return False
             needed = min(space + 8, out.max_packet_total)
-            with trio.move_on_after(idle_timeout):
+            with trio.move_on_at(deadline):
                 if self.shared_wakeups:
                     await self.channel.wait_for_room(needed)
                 else:
                     await self._wait_for_room(needed)
-            if out.write_space == space:
-                return False
+            if out.write_space > space:
+                deadline = trio.current_time() + idle_timeout
+            else:
+                await trio.lowlevel.checkpoint()  # (a wait that found room at once did not yield)
         return True
