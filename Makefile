@@ -16,6 +16,7 @@ $(STAMP): $(SOURCES) | system-packages
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) -m pip install --quiet -e '.[programs]' || \
 	  echo "note: pyfuse3 (the programs extra, built against libfuse3-dev) could not be installed; --exec shows no disk files and its tests skip"
+	$(MAKE) -s -C guestcode || echo "note: the guest code could not be built; pvbus bench builds it or falls back"
 	touch $@
 
 # Debian tools the tests use, tolerant of failure (a test needing a missing
@@ -36,6 +37,15 @@ system-packages:
 	  { apt-get install -y -q fuse3 libfuse3-dev fio pkg-config mtools || \
 	    { apt-get update -q && apt-get install -y -q fuse3 libfuse3-dev fio pkg-config mtools; }; } >/dev/null 2>&1 || \
 	  echo "note: fuse3, libfuse3-dev, fio, pkg-config or mtools could not be installed; tests needing them skip"
+	@# The guest code's aarch64 build (pvbus bench: a guest for hardware this host does not have).
+	@command -v aarch64-linux-gnu-gcc >/dev/null || \
+	  { apt-get install -y -q gcc-aarch64-linux-gnu || { apt-get update -q && apt-get install -y -q gcc-aarch64-linux-gnu; }; } \
+	  >/dev/null 2>&1 || echo "note: gcc-aarch64-linux-gnu could not be installed; the foreign-architecture run skips"
+
+# The guest machine code of the fullvirt and emulated kinds (guestcode/README.md).
+.PHONY: guestcode
+guestcode: | system-packages
+	$(MAKE) -C guestcode
 
 install: $(STAMP)
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import container, density
+from . import container, density, hwkinds
 from .blockbench import find_record, lay_out, render, run_guest
 from .blockload import Workload, run_native
 from .tables import num
@@ -100,8 +100,14 @@ GUEST_MECHANISMS = {
 
 
 def _run_guest(image: str, workloads: list[Workload], progress: Progress) -> tuple[Records, dict[str, Any]]:
-    records = run_guest(image, workloads, GUEST_MODES, progress)
-    return records, {m: {"mechanism": GUEST_MECHANISMS[m], "fallback": None} for m in GUEST_MODES}
+    # fullvirt in KVM and emulated under a CPU emulator where they are usable;
+    # the trapped models otherwise, each labelled a fallback with the reason
+    real, missing = hwkinds.plan()
+    trapped = tuple(m for m in GUEST_MODES if m not in real)
+    records = run_guest(image, workloads, trapped, progress)
+    info = {m: {"mechanism": GUEST_MECHANISMS[m], "fallback": missing.get(m)} for m in trapped}
+    hw_records, hw_info = hwkinds.run(image, workloads, progress, real)
+    return records + hw_records, {**info, **hw_info}
 
 
 RUNNERS: list[KindRunner] = [
@@ -142,6 +148,7 @@ def run(workloads: list[Workload], progress: Progress = None, *, startup: bool =
             launchers = {m: launch for runner in RUNNERS for m, launch in runner.launchers().items()}
             result["startup"] = density.measure(launchers, image, quick, progress)
     result.update(records=records, kinds=kinds)
+    result["compute"] = hwkinds.compute(8 << 20 if quick else 32 << 20)
     result["targets"] = evaluate(records) + ordering(result)
     return result
 

@@ -91,3 +91,16 @@ def test_fallback_when_kvm_is_turned_off(monkeypatch):
     assert not usable and "PVBUS_NO_KVM" in reason
     with pytest.raises(kvm.KvmUnavailable):
         kvm.Vcpu(None)  # type: ignore[arg-type]
+
+
+def test_bench_plan_labels_the_fallbacks(monkeypatch):
+    from pvbus.bench import hwkinds
+
+    monkeypatch.setenv("PVBUS_NO_KVM", "1")
+    monkeypatch.setenv("PVBUS_NO_EMULATOR", "1")
+    real, missing = hwkinds.plan()
+    assert real == {}
+    assert "PVBUS_NO_KVM" in missing["fullvirt"] and "PVBUS_NO_EMULATOR" in missing["emulated"]
+    monkeypatch.delenv("PVBUS_NO_KVM")
+    real, missing = hwkinds.plan()
+    assert real["fullvirt"][1].startswith("KVM") and "fullvirt" not in missing
