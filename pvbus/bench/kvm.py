@@ -32,9 +32,9 @@ import time
 from collections import Counter
 from typing import Any
 
-from . import guestbin
 from host_drivers.emulated import DMA_REGS
 
+from . import guestbin
 from .guestbin import DMA_GPA, IRQ_VECTOR, GuestMachine
 
 # ioctl numbers (linux/kvm.h: _IO/_IOR/_IOW with type 0xAE)

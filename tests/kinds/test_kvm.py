@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -17,7 +19,7 @@ pytestmark = pytest.mark.skipif(not ok, reason=why)
 
 
 @pytest.fixture
-def machine():
+def machine() -> Iterator[guestbin.GuestMachine]:
     try:
         m = guestbin.GuestMachine()
     except guestbin.GuestCodeUnavailable as exc:
@@ -26,7 +28,8 @@ def machine():
     m.close()
 
 
-def copy(machine, image: str, size: int, write: bool, use_irq: bool = True) -> tuple[dict, kvm.Vcpu]:
+def copy(machine: guestbin.GuestMachine, image: str, size: int, write: bool,
+         use_irq: bool = True) -> tuple[dict, kvm.Vcpu]:
     import dataclasses
 
     vcpu = kvm.Vcpu(machine)
@@ -37,7 +40,7 @@ def copy(machine, image: str, size: int, write: bool, use_irq: bool = True) -> t
         vcpu.close()
 
 
-def test_reads_the_image_byte_for_byte(machine, tmp_path):
+def test_reads_the_image_byte_for_byte(machine: guestbin.GuestMachine, tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(os.urandom(2 << 20))
     res, vcpu = copy(machine, str(image), 2 << 20, write=False)
@@ -50,7 +53,7 @@ def test_reads_the_image_byte_for_byte(machine, tmp_path):
     assert res["interrupts"] == vcpu.injected == 32  # one injected interrupt per request, taken by the guest
 
 
-def test_writes_the_image_byte_for_byte(machine, tmp_path):
+def test_writes_the_image_byte_for_byte(machine: guestbin.GuestMachine, tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
     data = os.urandom(1 << 20)
@@ -60,7 +63,7 @@ def test_writes_the_image_byte_for_byte(machine, tmp_path):
     assert hashlib.sha256(image.read_bytes()).digest() == hashlib.sha256(data).digest()
 
 
-def test_record_counts_exits_by_reason(tmp_path):
+def test_record_counts_exits_by_reason(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(os.urandom(1 << 20))
     rec = kvm.run_block(str(image), Workload("randread", 4096, 1, 1 << 20, 0.2, 0.05))
@@ -70,7 +73,7 @@ def test_record_counts_exits_by_reason(tmp_path):
     assert rec["interrupts_per_io"] == pytest.approx(1, abs=0.1)
 
 
-def test_compute_matches_native_and_prints_the_ratio(machine):
+def test_compute_matches_native_and_prints_the_ratio(machine: guestbin.GuestMachine) -> None:
     data = os.urandom(8 << 20)
     machine.load(guestbin.BUFFER_GPA, data)
     total, seconds, exits = kvm.run_compute(machine, len(data))
@@ -85,7 +88,7 @@ def test_compute_matches_native_and_prints_the_ratio(machine):
           f"(KVM/native {seconds / native_s:.2f}x)")
 
 
-def test_fallback_when_kvm_is_turned_off(monkeypatch):
+def test_fallback_when_kvm_is_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PVBUS_NO_KVM", "1")
     usable, reason = kvm.available()
     assert not usable and "PVBUS_NO_KVM" in reason
@@ -93,7 +96,7 @@ def test_fallback_when_kvm_is_turned_off(monkeypatch):
         kvm.Vcpu(None)  # type: ignore[arg-type]
 
 
-def test_bench_plan_labels_the_fallbacks(monkeypatch):
+def test_bench_plan_labels_the_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
     from pvbus.bench import hwkinds
 
     monkeypatch.setenv("PVBUS_NO_KVM", "1")
