@@ -217,13 +217,15 @@ def test_host_programs_reach_a_guest_port_through_the_unix_socket_handshake(tmp_
             path = wait_for(lambda: device_state(host)["socket"])
             assert path == f"{host.socket}.vsock.1"
             assert os.stat(path).st_mode & 0o777 == 0o600
+            # A port nobody listens on: the offer is not accepted, the socket
+            # closes without OK.  (First: the guest program ends after two
+            # connections to its port, and its socket goes with it.)
+            assert UnixClient(path, LISTEN_PORT + 1).answer == ""
             payload = os.urandom(200_000).hex().encode()
             for _ in range(2):
                 client = UnixClient(path, LISTEN_PORT)
                 assert client.answer.startswith("OK ") and client.answer.endswith("\n")
                 assert client.exchange(payload) == payload.upper()
-            # A port nobody listens on: the offer is not accepted, the socket closes without OK.
-            assert UnixClient(path, LISTEN_PORT + 1).answer == ""
             assert proc.wait(timeout=60) == 0
         finally:
             if proc.poll() is None:
