@@ -8,7 +8,8 @@ Consumer of a ring (``drain``; the host's pure-Python devices through
 interrupt, let ``take`` drain and commit a batch; when it found nothing,
 poll if asked to, then unmask and re-check, and sleep on the interrupt
 only when the re-check finds the ring empty.  (The C server ``pv_serve``
-does the same for devices with a C handler.)
+does the same for devices with a C handler, and ``ring.queue.Waiter``
+gives its waits to a process without trio, such as the ring benchmark's.)
 
 Submitter that polls for its own completions (``Poller``, the guest side
 of a request/completion device):

@@ -358,3 +358,19 @@ def test_letting_go_re_checks_after_its_own_reap(rig: Rig) -> None:
     queue.poller.let_go(holder)
     assert raced == [False]  # the host saw a non-empty ring and did not signal
     assert rig.guest_in.available == 0 and queue.stray_completions == 2  # both reaped anyway
+
+
+def test_the_publish_threshold_counts_bytes_since_the_last_publish(rig: Rig) -> None:
+    """256 KiB is counted from the layer's last publish, not over the
+    handler's life: after a published batch of small reads, a 192 KiB read
+    and a 4 KiB one go out together in one publish."""
+    rig.stage(*[(False, False, i * 8, 8, DATA_PFN + i, 100 + i) for i in range(32)])  # 128 KiB
+    assert rig.serve() == hlib.PV_SERVE_STOPPED
+    assert rig.q.publishes == 1 and len(rig.reap()) == 32
+    rig.stage((False, False, 0, (192 << 10) // 512, DATA_PFN, 200), (False, False, 8, 8, DATA_PFN + 60, 201))
+    assert rig.serve() == hlib.PV_SERVE_STOPPED
+    assert rig.q.publishes == 2 and [c.trans_id for c in rig.reap()] == [200, 201]
+    # And a run that does reach 256 KiB is published at once, alone.
+    rig.stage((False, False, 0, (256 << 10) // 512, DATA_PFN, 300), (False, False, 8, 8, DATA_PFN + 70, 301))
+    assert rig.serve() == hlib.PV_SERVE_STOPPED
+    assert rig.q.publishes == 4 and [c.trans_id for c in rig.reap()] == [300, 301]
