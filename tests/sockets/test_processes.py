@@ -124,7 +124,8 @@ def run_program(host: HostProcess, program: str, *argv: str, timeout: float = 12
 def device_state(host: HostProcess) -> dict[str, Any]:
     (part,) = host.inspect()["partitions"]
     (channel,) = [c for c in part["channels"] if c["device"] == "sockets" and "device_state" in c]
-    return channel["device_state"]
+    state: dict[str, Any] = channel["device_state"]
+    return state
 
 
 def test_http_client_in_the_guest_reaches_a_host_http_server(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import struct
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -318,7 +319,7 @@ class PipeChannel:
         self.eof_sent = True
         await self._send([(pipe_header(0), 0, False, PacketType.DATA_INBAND, b"")])
 
-    async def _send(self, packets: list[tuple[Any, int, bool, int, bytes]]) -> None:
+    async def _send(self, packets: Sequence[tuple[Any, int, bool, int, bytes]]) -> None:
         if self.shared_wakeups:
             await self.channel.send_many(packets)
             return
