@@ -19,7 +19,6 @@ import logging
 import struct
 from collections.abc import Callable
 
-
 from ring import Doorbell
 from vmbus import hv
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from vmbus.config import REQUIRED, Size, option
 from vmbus.device import DeviceSpec
-from vmbus.protocols import emulated_disks as emulated
 from vmbus.protocols import echo as echo_protocol
+from vmbus.protocols import emulated_disks as emulated
 from vmbus.protocols import hvsock as hvsock_protocol
 from vmbus.protocols import ic as ic_protocol
 from vmbus.protocols import netvsc as netvsc_protocol

@@ -19,6 +19,7 @@ guest serves (FUSE): a fault there would stall the host's thread.
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import stat
 from collections.abc import Sequence
@@ -154,4 +155,12 @@ class GuestMemory:
         self._view.release()
         self._words.release()
         self._shm.close()
+        if not self._shm.buf.closed:
+            # Something still exports the mapping: a ring of a channel left
+            # in a reference cycle (a task's traceback, say).  The mapping
+            # keeps its own copy of the RAM fd until it is freed, so collect
+            # cycles now, once, rather than at the collector's leisure: a
+            # released partition returns its fd and its memory at once.
+            gc.collect()
+            self._shm.close()
 

@@ -42,11 +42,20 @@ from .device import DeviceCommandError, DeviceSpec
 from .guest_memory import GuestMemory, GuestMemoryError
 from .hypervisor import Partition
 from .server import HOST_VERSIONS, Refused, VmbusServer
+from .transport import (
+    CONNECT_BODY,
+    KIND,
+    STATUS,
+    ExitKind,
+    Truncated,
+    fd_kind,
+    is_eventfd,
+    recv_msg,
+    release_fds,
+    send_msg,
+)
 from .trapped import TrappedDeviceSpec, check_windows
 from .trapped import attach as attach_trapped
-from .transport import (
-    CONNECT_BODY, KIND, STATUS, ExitKind, Truncated, fd_kind, is_eventfd, recv_msg, release_fds, send_msg,
-)
 
 log = logging.getLogger(__name__)
 __all__ = ["HostService", "admin_request"]  # admin_request lives in vmbus.admin; callers reach it here too
@@ -80,6 +89,7 @@ class HostService:
         self.rejected_connects = 0
         self._ids = itertools.count(1)
         self._changed = trio.Event()  # set whenever a partition comes or goes
+        self._releasing: set[int] = set()  # partitions gone from the table, still returning what they held
 
     def _partitions_changed(self) -> None:
         ev, self._changed = self._changed, trio.Event()
@@ -175,13 +185,20 @@ class HostService:
             log.warning("partition %d: failed, releasing it (the host goes on): %s", partition.id, failure_reason(exc))
             log.debug("partition %d failed", partition.id, exc_info=True)
         finally:
+            # Out of the table first (no admin request reaches it any more),
+            # but counted as present until everything it held is returned:
+            # ``wait`` answers only once the release is complete.
             self.partitions.pop(partition.id, None)
-            with trio.CancelScope(shield=True):
-                if server is not None:
-                    await server.close()
-                for model in models:
-                    model.close()
-                await partition.aclose()
+            self._releasing.add(partition.id)
+            try:
+                with trio.CancelScope(shield=True):
+                    if server is not None:
+                        await server.close()
+                    for model in models:
+                        model.close()
+                    await partition.aclose()
+            finally:
+                self._releasing.discard(partition.id)
             self._partitions_changed()
             log.info("partition %d: released", partition.id)
 
@@ -197,7 +214,8 @@ class HostService:
             return None
         memory = None
         try:
-            if len(fds) != 2 or len(data) != KIND.size + CONNECT_BODY.size or KIND.unpack_from(data)[0] != ExitKind.CONNECT:
+            well_formed = len(data) == KIND.size + CONNECT_BODY.size and KIND.unpack_from(data)[0] == ExitKind.CONNECT
+            if len(fds) != 2 or not well_formed:
                 raise ValueError("first exit must be CONNECT with RAM and SINT fds")
             (ram_size,) = CONNECT_BODY.unpack_from(data, KIND.size)
             if ram_size > 1 << 40:
@@ -222,10 +240,13 @@ class HostService:
     # -- admin (vmbus.admin.AdminHost) ------------------------------------------
     async def wait_partitions(self, count: int, timeout: float) -> dict[str, Any]:
         """Return once exactly ``count`` partitions exist (admin ``wait``)."""
+        def present() -> int:
+            return len(self.partitions) + len(self._releasing)
+
         with trio.move_on_after(timeout):
-            while len(self.partitions) != count:
+            while present() != count:
                 await self._changed.wait()
-        return {"ok": len(self.partitions) == count, "partitions": len(self.partitions)}
+        return {"ok": present() == count, "partitions": present()}
 
     def rescind(self, partition: int, relid: int) -> None:
         """Hot-remove channel ``relid`` of ``partition`` (admin ``rescind``)."""

@@ -240,7 +240,8 @@ class VmbusServer:
             sub_channel_index=ch.sub_index, child_relid=ch.relid, connection_id=ch.connection_id,
         )
 
-    def offer_channel(self, owner: int, interface: uuid.UUID, instance: uuid.UUID, serve: Callable[[Channel], Awaitable[None]],
+    def offer_channel(self, owner: int, interface: uuid.UUID, instance: uuid.UUID,
+                      serve: Callable[[Channel], Awaitable[None]],
                       *, flags: int = 0, user_defined: bytes = b"") -> int | None:
         """Offer a channel of an open primary's device at run time (a
         connection of the sockets device, say) with its own GUIDs, flags and

@@ -75,7 +75,7 @@ def check_windows(specs: Iterable[TrappedDeviceSpec]) -> None:
     for spec in ordered:
         if spec.length <= 0 or spec.base < 0:
             raise ValueError(f"trapped device {spec.name}: empty or negative window")
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in zip(ordered, ordered[1:], strict=False):
         if b.base < a.base + a.length:
             raise ValueError(f"trapped devices {a.name} and {b.name} overlap at {b.base:#x}")
 

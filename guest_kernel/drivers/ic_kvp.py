@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import platform
 import socket
-from typing import Any
 
 import trio
 

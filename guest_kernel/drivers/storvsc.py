@@ -91,7 +91,8 @@ class _Op:
     pfn: int = 0
     owned_pages: int = 0  # pages the driver allocated (freed after), 0 for the caller's buffer
     read_back: bool = False  # copy the data out of those pages into the result
-    io: tuple[int, int, int, bool, bool] | None = None  # (lba, pfn, blocks, write, fua): a read or write the C path builds
+    # (lba, pfn, blocks, write, fua): a read or write the C path builds
+    io: tuple[int, int, int, bool, bool] | None = None
     command: tuple[bytes, bool] | None = None  # any other SCSI command: CDB, data in
     result: BlockResult = field(default_factory=BlockResult)
 
@@ -245,18 +246,18 @@ class StorvscDriver(GuestDriver):
             raise ValueError(f"{len(offsets)} offsets for {len(buffers)} buffers")
         bs = self.block_size
         lengths = [len(buffer.view) for buffer in buffers]
-        for offset, length in zip(offsets, lengths):
+        for offset, length in zip(offsets, lengths, strict=True):
             self._check(offset, length)
             if not length:
                 raise ValueError("an empty buffer")
         requests = [(offset // bs, buffer.pfn, length // bs, write, fua)
-                    for offset, buffer, length in zip(offsets, buffers, lengths)]
+                    for offset, buffer, length in zip(offsets, buffers, lengths, strict=True)]
         failures: list[tuple[int, BlockError]] = []
         opcode = S.Opcode.WRITE_16 if write else S.Opcode.READ_16
 
         async def run(queue: DiskQueue, picked: list[int]) -> None:
             answers = await queue.io([requests[i] for i in picked])
-            for i, answer in zip(picked, answers):
+            for i, answer in zip(picked, answers, strict=True):
                 failed, transferred = self._outcome(answer, opcode)
                 if failed is None and transferred != lengths[i]:
                     failed = BlockError(f"short transfer: {transferred} of {lengths[i]} bytes")
@@ -360,7 +361,7 @@ class StorvscDriver(GuestDriver):
         commands = [op for op in ops if op.io is None]
         if ios:
             answers = await queue.io([op.io for op in ios])  # type: ignore[misc]
-            for op, answer in zip(ios, answers):
+            for op, answer in zip(ios, answers, strict=True):
                 op.result = self._io_result(op, answer)
         if commands:
             items = []
@@ -375,7 +376,7 @@ class StorvscDriver(GuestDriver):
                     header, ptype = b"", PacketType.DATA_INBAND
                 srb = S.scsi_request(cdb, data_in, op.length)
                 items.append((S.packet(S.Operation.EXECUTE_SRB, 0, srb), ptype, header))
-            for op, pkt in zip(commands, await queue.request_many(items)):
+            for op, pkt in zip(commands, await queue.request_many(items), strict=True):
                 op.result = self._io_result(op, pkt)
 
     def _outcome(self, answer: int | Packet, opcode: int) -> tuple[BlockError | None, int]:

@@ -71,7 +71,8 @@ class HeartbeatHost(IcHost):
                                         f"to sequence {self.sequence}")
             return
         if self.health == "lost":
-            log.info("heartbeat (channel %d): the guest answers again after %d missed beats", self._relid(), self.missed)
+            log.info("heartbeat (channel %d): the guest answers again after %d missed beats",
+                     self._relid(), self.missed)
         self.health = "alive"
         self.missed = 0
         self.beats_answered += 1

@@ -111,11 +111,14 @@ def test_guest_killed_mid_traffic_releases_everything(tmp_path: Path) -> None:
             victim.send_signal(signal.SIGKILL)
             victim.wait(timeout=10)
             assert host.admin({"cmd": "wait", "partitions": 2})["ok"]
-            # the host closes a gone guest's fds off its event loop: eventually
+            # The host closes a gone guest's fds off its event loop: eventually.
+            # At most ``before``, not exactly: an admin connection answered just
+            # before that count may still have been lingering in it (the host
+            # reads a client's leftovers for up to a second after answering).
             deadline = time.monotonic() + 30
-            while host.inspect()["open_fds"] != before and time.monotonic() < deadline:
+            while host.inspect()["open_fds"] > before and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert host.inspect()["open_fds"] == before
+            assert host.inspect()["open_fds"] <= before
             for p in survivors:  # the others never noticed
                 assert _advances(p)
         finally:

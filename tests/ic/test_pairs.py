@@ -45,7 +45,7 @@ def answer(msgtype: int, body: bytes, status: int = ic.Status.OK) -> bytes:
 # -- the services -------------------------------------------------------------------------
 
 
-async def test_heartbeat_counts_beats_and_reports_a_silent_guest_once(caplog) -> None:
+async def test_heartbeat_counts_beats_and_reports_a_silent_guest_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="host_drivers.ic.heartbeat")
     async with open_device_pair(HEARTBEAT, config={"interval": 0.05}) as pair:
         await until(lambda: pair.host.beats_answered >= 3)
@@ -150,7 +150,7 @@ async def test_guest_program_waits_for_a_host_value() -> None:
 # -- a hostile guest against the host ---------------------------------------------------------
 
 
-async def test_bad_messages_from_the_guest_are_counted_and_logged_once(caplog) -> None:
+async def test_bad_messages_from_the_guest_are_counted_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="host_drivers.ic.service")
     async with open_device_pair(KVP) as pair:
         host = pair.host
@@ -173,7 +173,7 @@ async def test_bad_messages_from_the_guest_are_counted_and_logged_once(caplog) -
         assert await host.get(ic.Pool.GUEST, "OSName")  # still serving
 
 
-async def test_a_flood_of_answers_to_nothing_is_dropped(caplog) -> None:
+async def test_a_flood_of_answers_to_nothing_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="host_drivers.ic.service")
     async with open_device_pair(KVP) as pair:
         host = pair.host
@@ -188,7 +188,7 @@ async def test_a_flood_of_answers_to_nothing_is_dropped(caplog) -> None:
             except RingFull:
                 if out.commit():
                     pair.host_doorbell.ring()
-                await until(lambda: host.counters["unsolicited"] == sent)
+                await until(lambda sent=sent: host.counters["unsolicited"] == sent)
         if out.commit():
             pair.host_doorbell.ring()
         await until(lambda: host.counters["unsolicited"] == 300)
@@ -203,7 +203,7 @@ class Stranger(KvpDriver):
     VERSIONS = (V(9, 9),)
 
 
-async def test_a_guest_with_unknown_versions_turns_the_service_off(caplog) -> None:
+async def test_a_guest_with_unknown_versions_turns_the_service_off(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="host_drivers.ic.service")
     spec = dataclasses.replace(KVP, guest=Stranger)
     async with open_device_pair(spec) as pair:
@@ -282,7 +282,8 @@ async def test_the_guest_answers_or_drops_hostile_requests() -> None:
         hostile = struct.pack("<HHI", 101, 1, 0) + b"\0\0\x03\0" * 102
         got = await host_asks(pair, ic.MsgType.NEGOTIATE, hostile, 2)
         assert got is not None and ic.parse_negotiate(got.body) == ([], []) and guest.version is None
-        got = await host_asks(pair, ic.MsgType.NEGOTIATE, ic.encode_negotiate((V(1, 0), V(3, 0)), (V(3, 0), V(4, 0))), 3)
+        offered = ic.encode_negotiate((V(1, 0), V(3, 0)), (V(3, 0), V(4, 0)))
+        got = await host_asks(pair, ic.MsgType.NEGOTIATE, offered, 3)
         assert got is not None and got.is_response and len(got.body) == 0x10
         assert ic.parse_negotiate(got.body) == ([V(3, 0)], [V(4, 0)]) and guest.version == V(4, 0)
         # A header that lies about its size is dropped, unanswered.

@@ -98,7 +98,9 @@ def test_time_conversion() -> None:
     ((V(3, 0),), (V(9, 9),), None),  # no common service version
     ((V(2, 0),), (V(3, 0),), None),  # no common framework version
 ])
-def test_guest_picks_from_its_own_preference_order(host_frames, host_versions, expected) -> None:
+def test_guest_picks_from_its_own_preference_order(host_frames: tuple[ic.Version, ...],
+                                                   host_versions: tuple[ic.Version, ...],
+                                                   expected: tuple[ic.Version, ic.Version] | None) -> None:
     body = ic.encode_negotiate(host_frames, host_versions)
     assert ic.choose_versions(ic.FRAMEWORK_VERSIONS_GUEST, ic.SHUTDOWN_VERSIONS[1], body) == expected
 
@@ -163,7 +165,7 @@ def test_bodies_too_short_for_their_type() -> None:
 
 
 @pytest.mark.parametrize("flags", [4, 5, 6, 8, 0xFFFFFFFF])
-def test_shutdown_accepts_only_power_off_and_reboot(flags) -> None:
+def test_shutdown_accepts_only_power_off_and_reboot(flags: int) -> None:
     with pytest.raises(ic.IcFormatError):
         ic.parse_shutdown(struct.pack("<III", 0, 0, flags) + bytes(2048))
 
@@ -184,7 +186,7 @@ def _kvp_value(vtype: int, key_size: int, key: bytes, value_size: int, value: by
     (_kvp_value(11, 4, b"a\0\0\0", 4, b"\1\2\3\4"), "QWORD"),
     (_kvp_value(99, 4, b"a\0\0\0", 2, b"\0\0"), "value type 99"),
 ])
-def test_kvp_fields_are_checked(body, why) -> None:
+def test_kvp_fields_are_checked(body: bytes, why: str) -> None:
     with pytest.raises(ic.IcFormatError, match=why):
         ic.parse_kvp_request(body)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+from pathlib import Path
 
 import pytest
 import trio
@@ -72,7 +73,7 @@ async def test_everything_is_released_after_the_pair_closes() -> None:
         await pair.guest.echo(b"after close")
 
 
-async def test_storage_pair_over_a_real_image(tmp_path) -> None:
+async def test_storage_pair_over_a_real_image(tmp_path: Path) -> None:
     """A device whose guest driver hands the host page lists: rings and
     buffers in guest RAM with its page allocator, the host on a real image."""
     import hashlib

@@ -259,8 +259,9 @@ def test_a_guest_killed_mid_transfer_leaves_the_hosts_fds_as_they_were(tmp_path:
         # The host lets the partition go on its own schedule (its fds, the
         # mapping of guest RAM); each fd must be closed within the deadline,
         # none may stay for good (as the RAM memfd did while a connection
-        # still held its rings).
-        wait_for(lambda: host.inspect()["open_fds"] == before)
+        # still held its rings).  At most ``before``: an admin connection
+        # answered just before that count may have been lingering in it.
+        wait_for(lambda: host.inspect()["open_fds"] <= before)
         assert not os.path.exists(f"{host.socket}.vsock.1")
 
 

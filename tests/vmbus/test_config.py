@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -68,7 +69,7 @@ def test_options_are_described_for_the_user() -> None:
     ("echo:depth=3", "device echo takes no options"),
     ("nosuch", "unknown device nosuch"),
 ])
-def test_the_host_refuses_bad_device_options_in_one_line(tmp_path, device: str, words: str) -> None:
+def test_the_host_refuses_bad_device_options_in_one_line(tmp_path: Path, device: str, words: str) -> None:
     res = subprocess.run([sys.executable, "-m", "pvbus", "host", "--socket", str(tmp_path / "h.sock"),
                           "--device", device], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
