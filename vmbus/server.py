@@ -257,7 +257,8 @@ class VmbusServer:
         # Round robin over the free relids: a relid just released is the
         # last to be offered again (late messages about it stay unambiguous).
         start = self._next_relid
-        relid = next((r for r in (*range(start, MAX_RELID + 1), *range(1, start)) if r not in self.channels), None)
+        order = (*range(start, MAX_RELID + 1), *range(1, start))
+        relid: int | None = next((r for r in order if r not in self.channels), None)
         if relid is None:
             return None
         self._next_relid = relid % MAX_RELID + 1

@@ -254,13 +254,13 @@ class BlockRawIO(io.RawIOBase):
         return self._file.tell()
 
     def readinto(self, buffer: Any) -> int:
-        return self._call(self._file.readinto, buffer)
+        return int(self._call(self._file.readinto, buffer))
 
     def readall(self) -> bytes:
-        return self._call(self._file.read, -1)
+        return bytes(self._call(self._file.read, -1))
 
     def write(self, data: Any) -> int:
-        return self._call(self._file.write_some, data)
+        return int(self._call(self._file.write_some, data))
 
     def flush(self) -> None:
         if self.closed:

@@ -173,6 +173,9 @@ class FakeHost:
         await trio.sleep(timeout)
         return {"ok": True, "partitions": count}
 
+    async def device_command(self, partition: int, device: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        raise admin.AdminError(f"partition {partition} has no device {device!r}")
+
 
 async def test_dispatch_turns_every_failure_into_an_error_answer() -> None:
     host = FakeHost()

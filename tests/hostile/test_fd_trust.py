@@ -33,7 +33,11 @@ def attacker(host: HostProcess, kind: str) -> Iterator[dict[str, Any]]:
     lines: queue.Queue[bytes] = queue.Queue()
     assert proc.stdout is not None
     stdout = proc.stdout
-    threading.Thread(target=lambda: [lines.put(x) for x in stdout], daemon=True).start()
+    def pump() -> None:
+        for x in stdout:
+            lines.put(x)
+
+    threading.Thread(target=pump, daemon=True).start()
     try:
         facts = json.loads(lines.get(timeout=60))
         assert facts["ready"]

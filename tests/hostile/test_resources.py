@@ -204,7 +204,7 @@ class Rig:
         return int(self.server.handle(conn, msg.encode()))
 
     def gpadl(self, gid: int, first: int, count: int) -> int:
-        status = S.SUCCESS
+        status: int = S.SUCCESS
         for m in P.gpadl_messages(self.relid, gid, list(range(first, first + count)), count * PAGE_SIZE):
             status = self.post(m)
         return status

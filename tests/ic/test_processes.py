@@ -99,14 +99,16 @@ def line(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
     assert proc.stdout is not None
     text = proc.stdout.readline()
     assert text, f"the guest said nothing (exit {proc.poll()})"
-    return json.loads(text)
+    found: dict[str, Any] = json.loads(text)
+    return found
 
 
 def ic_state(host: HostProcess, device: str) -> dict[str, Any]:
     snap = host.inspect()
     (part,) = snap["partitions"]
     (channel,) = [c for c in part["channels"] if c["device"] == device]
-    return channel["device_state"]
+    state: dict[str, Any] = channel["device_state"]
+    return state
 
 
 def eventually(host: HostProcess, device: str, condition: Callable[[dict[str, Any]], bool],

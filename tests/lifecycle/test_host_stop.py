@@ -48,11 +48,11 @@ def test_stopping_host_rescinds_every_channel_then_closes(tmp_path: Path, sig: s
                     offered = {m.child_relid for m in guest.messages if isinstance(m, P.OfferChannel)}
                     assert offered
                     host.proc.send_signal(sig)
-                    rescinded = set()
+                    rescinded: set[int] = set()
                     with trio.fail_after(DEADLINE):
                         while rescinded != offered:
                             msg = await guest.expect(P.RescindChannelOffer, timeout=DEADLINE)
-                            rescinded.add(msg.child_relid)  # type: ignore[attr-defined]
+                            rescinded.add(msg.child_relid)
                     # The host closes the control socket once it has told us: every exit fails.
                     with trio.fail_after(DEADLINE):
                         while True:

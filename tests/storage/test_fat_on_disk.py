@@ -37,7 +37,7 @@ def _pyfatfs() -> types.ModuleType:
     package with an ``__init__`` needs no such declaration, so an absent
     ``pkg_resources`` is given a ``declare_namespace`` that does nothing."""
     try:
-        import pkg_resources  # noqa: F401
+        import pkg_resources  # type: ignore[import-not-found]  # noqa: F401
     except ModuleNotFoundError:
         shim = types.ModuleType("pkg_resources")
         shim.declare_namespace = lambda name: None  # type: ignore[attr-defined]
@@ -113,6 +113,7 @@ def test_fat_file_system_written_in_the_guest_is_clean_on_the_host(tmp_path: Pat
     assert {p: hashlib.sha256(d).hexdigest() for p, d in in_guest.items()} == \
         {p: hashlib.sha256(d).hexdigest() for p, d in expected.items()}
 
+    assert FSCK is not None
     check = subprocess.run([FSCK, "-n", str(image)], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "dirty" not in (check.stdout + check.stderr).lower()

@@ -143,7 +143,7 @@ def encode_message(
     return PIPE_HEADER.pack(PIPE_DATA, len(icmsg) + len(body)) + icmsg + body
 
 
-def parse_message(payload: bytes) -> IcMessage:
+def parse_message(payload: bytes | memoryview) -> IcMessage:
     """A packet payload from the other side to an ``IcMessage``.  The pipe
     header must say DATA with a ``msgsize`` within the payload (which the
     ring pads to 8 bytes), and ``icmsgsize`` must fit inside ``msgsize``."""
