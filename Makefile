@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# apt-get never asks (a package's configuration questions take their defaults).
+export DEBIAN_FRONTEND := noninteractive
 SOURCES := setup.py pyproject.toml $(wildcard */_*_build.py */*/_*_build.py */csrc/* */*/csrc/*)
 
 .PHONY: all install run test bench clean system-packages
@@ -52,7 +54,8 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/pvbus run
 
-test: $(STAMP)
+# The suite, after style and types: a change that breaks either fails the run.
+test: lint
 	$(PY) -m pytest
 
 bench: $(STAMP)
@@ -66,7 +69,7 @@ clean:
 # Style and types (settings in pyproject.toml: [tool.ruff], [tool.mypy]).
 .PHONY: lint
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ring vmbus host_drivers guest_kernel pvbus tests
+	$(VENV)/bin/ruff check ring vmbus host_drivers guest_kernel pvbus tests fuzz
 	$(VENV)/bin/mypy
 
 # Coverage-guided fuzzing of every parser of guest input (fuzz/): each target
