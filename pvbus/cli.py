@@ -17,6 +17,8 @@ Subcommands:
 - ``pvbus bench block [--json FILE] [--quick]``: native vs paravirtual disk.
 - ``pvbus bench ring [--json FILE] [--quick]``: the ring against
   ``os.pipe``, ``multiprocessing.Pipe`` and ``faster_fifo.Queue``.
+- ``pvbus bench sockets [--json FILE] [--quick]``: a guest's stream and
+  round trips through the sockets device beside loopback TCP.
 
 Argument parsing is argparse (stdlib); output is rich.
 
@@ -93,6 +95,12 @@ def _cmd_bench_net(args: argparse.Namespace) -> int:
     from .bench import netbench
 
     return netbench.main(args.json, args.quick)
+
+
+def _cmd_bench_sockets(args: argparse.Namespace) -> int:
+    from .bench import sockbench
+
+    return sockbench.main(args.json, args.quick)
 
 
 def _cmd_bench_report(args: argparse.Namespace) -> int:
@@ -418,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--json", metavar="FILE", help="write the records as JSON")
     net.add_argument("--quick", action="store_true", help="short runs (a smoke test, noisier)")
     net.set_defaults(func=_cmd_bench_net)
+    sockets = bench_sub.add_parser("sockets", help="stream and request/response through the sockets device "
+                                   "and loopback TCP")
+    sockets.add_argument("--json", metavar="FILE", help="write the records as JSON")
+    sockets.add_argument("--quick", action="store_true", help="short runs (a smoke test, noisier)")
+    sockets.set_defaults(func=_cmd_bench_sockets)
     report = bench_sub.add_parser("report", help="Markdown and PNG charts from a benchmark's JSON")
     report.add_argument("results", help="JSON written by pvbus bench --json")
     report.add_argument("--kinds-doc", metavar="FILE", help="also write the four-kinds document here")
