@@ -107,17 +107,37 @@ def _select_devices(names: list[str] | None, config: dict[str, dict[str, Any]] |
     return chosen
 
 
-async def _until_signal(cancel: trio.CancelScope, *,
+async def _until_signal(cancel: trio.CancelScope, caught: list[int] | None = None, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Cancel ``cancel`` on SIGTERM or SIGINT.  Start it with ``nursery.start``:
-    it reports started once the handlers are in place, so a signal that comes
-    right after (a program that says it booted, then gets stopped) is not
-    taken by the default action."""
+    """Cancel ``cancel`` on SIGTERM or SIGINT (noted in ``caught``).  Start it
+    with ``nursery.start``: it reports started once the handlers are in
+    place, so a signal that comes right after (a program that says it
+    booted, then gets stopped) is not taken by the default action.  It
+    keeps the handlers until it is itself cancelled: a second signal while
+    the process stops cleanly changes nothing (it would otherwise meet the
+    default action and cut the clean stop short)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
-        async for _ in signals:
+        async for signum in signals:
+            if caught is not None:
+                caught.append(signum)
             cancel.cancel()
-            return
+
+
+async def _boot(kernel: Any, socket_path: str, nursery: trio.Nursery) -> None:
+    """Boot ``kernel``; SIGINT or SIGTERM meanwhile stops it at once, as
+    Ctrl-C (status 130) or as asked (128 + 15), without a word: a boot that
+    waits for a silent host is interrupted as reliably as a program is."""
+    caught: list[int] = []
+    with trio.CancelScope() as booting:
+        async with trio.open_nursery() as watch:
+            await watch.start(_until_signal, booting, caught)
+            await kernel.boot(socket_path, nursery)
+            watch.cancel_scope.cancel()
+    if caught and caught[0] == signal.SIGINT:
+        raise KeyboardInterrupt
+    if caught:
+        raise SystemExit(128 + caught[0])
 
 
 async def _until_shutdown_request(kernel: Any, cancel: trio.CancelScope) -> None:
@@ -297,7 +317,7 @@ async def guest_main(socket_path: str, program: str, argv: list[str], ram_mib: i
     booted = False
     try:
         async with trio.open_nursery() as nursery:
-            await kernel.boot(socket_path, nursery)
+            await _boot(kernel, socket_path, nursery)
             booted = True
             await present_network(kernel, network)
             with trio.CancelScope() as program_scope:

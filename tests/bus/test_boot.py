@@ -12,7 +12,7 @@ from .harness import PVBUS, host_process, run_guest
 
 
 def test_boot_echo_and_clean_shutdown(tmp_path: Path) -> None:
-    with host_process(tmp_path) as host:
+    with host_process(tmp_path, "--device", "echo") as host:  # only the device whose signals it counts
         rc, out, err = run_guest(host, "echo-demo", "300")
         assert rc == 0, err
         (report,) = out

@@ -17,7 +17,9 @@ from .helpers import run_guest
 
 
 def test_block_api(tmp_path: Path) -> None:
-    with host_process(tmp_path, "--disk", str(tmp_path / "d.img"), "--disk-size", "16M") as host:
+    # Only the disk: the integration services answer the host on their own
+    # schedule, and each answer is a signal of its own (counted below).
+    with host_process(tmp_path, "--device", "storage", "--disk", str(tmp_path / "d.img"), "--disk-size", "16M") as host:
 
         async def body(kernel) -> None:  # noqa: ANN001
             disk = kernel.device("storage")
@@ -67,7 +69,7 @@ def test_vectored_reads_and_writes(tmp_path: Path) -> None:
     for size in sizes:
         offsets.append(at)
         at += size + 4096  # gaps: a misplaced request would show
-    with host_process(tmp_path, "--disk", str(tmp_path / "d.img"), "--disk-size", "16M") as host:
+    with host_process(tmp_path, "--device", "storage", "--disk", str(tmp_path / "d.img"), "--disk-size", "16M") as host:
 
         async def body(kernel) -> list[str]:  # noqa: ANN001
             disk = kernel.device("storage")
