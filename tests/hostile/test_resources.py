@@ -148,6 +148,10 @@ def test_32_storage_guests_at_once(tmp_path: Path) -> None:
     run_storage_guests(tmp_path, 32, ops=400)
 
 
+# ``make sanitize`` runs the host under AddressSanitizer (libasan preloaded).
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
 def test_gpadl_host_memory_is_proportional_and_capped(tmp_path: Path) -> None:
     """A guest names all its RAM in GPADLs again and again up to the per-partition
     page cap: the host's memory grows by about 8 bytes a page, and the next
@@ -171,7 +175,8 @@ def test_gpadl_host_memory_is_proportional_and_capped(tmp_path: Path) -> None:
                     assert (await g.expect(P.GpadlCreated)).creation_status == P.STATUS_SUCCESS
                 grown = Census.of(host.proc.pid).rss - before
                 print(f"host memory for {per_partition} GPADL pages: {grown >> 10} KiB")
-                assert grown < 24 * per_partition  # 8 bytes a page, and room for the allocator's slack
+                if not UNDER_ASAN:  # its allocator keeps redzones and a quarantine: no bound holds there
+                    assert grown < 24 * per_partition  # 8 bytes a page, and room for the allocator's slack
                 over = P.gpadl_messages(relid, 0xFFFF, [1], PAGE_SIZE)[0]
                 assert await g.post(over) == S.INVALID_PARAMETER
                 created = await g.expect(P.GpadlCreated)
