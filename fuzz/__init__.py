@@ -26,4 +26,7 @@ TARGETS = (
     "storvsp_fast",
     "emulated",
     "admin",
+    "ic",
+    "hvsock",
+    "netvsc",
 )
