@@ -281,8 +281,9 @@ class NicSession:
         sub_alloc = N.receive_sub_alloc(self.nic.frame_mtu)
         count = min(len(view) // sub_alloc, 0xFFFF)
         if count < N.CONTROL_SECTIONS + 2:
+            size = len(view)  # read before the release: a released view has no length
             view.release()
-            raise Refusal(f"receive buffer of {len(view)} bytes holds {count} sub-allocations")
+            raise Refusal(f"receive buffer of {size} bytes holds {count} sub-allocations")
         self.rx, self.layout = view, N.ReceiveLayout(sub_alloc, count)
         self.free_control = list(range(N.CONTROL_SECTIONS - 1, -1, -1))
         self.free_data = list(range(count - 1, N.CONTROL_SECTIONS - 1, -1))
