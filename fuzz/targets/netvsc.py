@@ -1,37 +1,57 @@
 """Network-device messages: NVSP (``vmbus.protocols.netvsc``) and RNDIS
-(``vmbus.protocols.rndis``), the parser layer.
+(``vmbus.protocols.rndis``), at the parsers and at the host's session.
 
-An input is a selector byte and one message from the guest: an NVSP
-message at a fuzzed negotiated version (``netvsc.parse``, what
-``NicSession.on_packet`` reads first), a GPA-direct page-range header
-(``parse_gpa_ranges``), or a send section of batched RNDIS messages
-(``split_messages``, then each message through ``parse_request`` and
-``parse_packet`` as the host reads them and ``parse_reply`` as the guest
-does); and, for the guest's side of the same layouts, a transfer-page
-header or a receive-buffer answer.  The parser layer only: the host's
-``NicSession`` needs an open channel with two GPADLs and a backend per
-input, which ``vmbus.testing.open_device_pair`` gives only through a
-whole bus handshake, far from cheap at thousands of inputs a second.
+An input is a selector byte and then either one message for the parser
+layer, or a sequence of guest packets for the host.  Parser layer: an
+NVSP message at a fuzzed negotiated version (``netvsc.parse``), a
+GPA-direct page-range header (``parse_gpa_ranges``), a send section of
+batched RNDIS messages (``split_messages``, then each message through
+``parse_request`` and, under PACKET_MSG, ``parse_packet`` as the host reads
+them, and ``parse_reply`` as the guest does), a transfer-page header or a
+receive-buffer answer (the guest's readers of the same layouts).
 
-Invariants: only ``NvspError`` and ``RndisError`` escape; an accepted NVSP
-message re-encodes to the payload's bytes; split messages tile a prefix of
-the section, each inside it with its own ``msg_len``; an accepted frame,
-per-packet info, OID input or reply buffer is the message's bytes at the
-offset it names and inside ``msg_len``, within the size caps; accepted
-requests and packet headers in the encoder's layout re-encode to the
-bytes they came from; page ranges and transfer ranges stay within their
-counts, pages and header.
+Host: up to 16 packets (structured NVSP messages whose fields favour the
+values bring-up needs, raw bytes, completions of the host's transfer-page
+packets) to ``NicSession.on_packet``, the host's own handler, with the
+RNDIS bytes a SEND_RNDIS_PACKET names written first into the send section
+or guest page it names.  The rig is cheap (well under a millisecond an
+input): one module-level guest RAM, a ``Channel`` whose ``gpadl`` maps two
+fixed handles to the receive and send buffers (any other handle is refused
+as the bus refuses it), a port of a private switch as backend, and, where
+the ``Outbox`` would publish on the ring, a recorder of what it is handed.
+``vmbus.testing.open_device_pair`` is not used: it opens a whole bus per
+input.
+
+Invariants, parsers: only ``NvspError`` and ``RndisError`` escape; an
+accepted NVSP message re-encodes to the payload's bytes; split messages
+tile a prefix of the section, each with its own ``msg_len``; an accepted
+frame, per-packet info, OID input or reply buffer is the message's bytes at
+the offset it names and inside ``msg_len``, within the size caps; accepted
+requests and packet headers in the encoder's layout re-encode to the bytes
+they came from; page ranges and transfer ranges stay within their counts,
+pages and header.  Host: ``on_packet`` raises nothing; every request asking
+for a completion gets exactly one, in order, empty or a 40-byte NVSP
+message; anything else the host sends is a control-reply announcement in
+one range of a control sub-allocation holding a well-formed RNDIS reply of
+exactly that length; guest RAM changes only in the receive buffer.
 """
 
 from __future__ import annotations
 
 import struct
 
-from fuzz.rig import Input, Script, check
+import trio
+
+from fuzz.rig import GuestRam, Input, Script, changed_ranges, check, inside
+from host_drivers.net.backends import Switch
+from host_drivers.net.device import NetvspHost, NicSession
+from ring import IncomingRing, OutgoingRing, PacketType
+from vmbus.channel import Channel
+from vmbus.guest_memory import PAGE_SIZE, GuestMemoryError
 from vmbus.protocols import netvsc as N
 from vmbus.protocols import rndis as R
 
-NVSP, GPA, RNDIS, XFER, LAYOUT = range(5)
+NVSP, GPA, RNDIS, XFER, LAYOUT, SESSION = range(6)
 VERSIONS = (None, *N.VERSIONS)
 FORMATS = {N.Msg.INIT: N.INIT, N.Msg.SEND_NDIS_VERSION: N.NDIS_VERSION, N.Msg.SEND_NDIS_CONFIG: N.NDIS_CONFIG,
            N.Msg.SEND_RECEIVE_BUFFER: N.BUFFER, N.Msg.SEND_SEND_BUFFER: N.BUFFER, N.Msg.REVOKE_RECEIVE_BUFFER: N.REVOKE,
@@ -162,10 +182,145 @@ def layout(payload: bytes, buffer_size: int) -> None:
           f"accepted {got} for a {buffer_size}-byte buffer")
 
 
+# -- the host's session: NicSession.on_packet on a rigged channel --------------------
+
+RING = 2 * PAGE_SIZE  # each direction: control page and one data page (the session never writes them here)
+RX_PFN, RX_PAGES = 4, 16  # the receive buffer GPADL: 36 sub-allocations of an MTU-1500 NIC
+TX_PFN, TX_PAGES = RX_PFN + RX_PAGES, 4  # the send buffer GPADL: two 6144-byte sections
+DATA_PFN, DATA_PAGES = TX_PFN + TX_PAGES, 8  # pages GPA-direct packets name
+RX_HANDLE, TX_HANDLE = 1, 2
+MAX_SESSION_PACKETS = 16
+SPECIALS = (0, 1, 2, N.V61, N.V1, N.V5, 6, 30, 1514, 9216, N.NO_SECTION, 60, RX_HANDLE, TX_HANDLE, N.CHANNEL_CONTROL)
+WIDTHS = {"I": 0xFFFFFFFF, "H": 0xFFFF, "Q": (1 << 64) - 1}
+RAM = GuestRam(DATA_PFN + DATA_PAGES)
+OutgoingRing(RAM.buf, RING, RING, format=True)
+OutgoingRing(RAM.buf, 0, RING, format=True)
+
+
+def gpadl(handle: int) -> list[int]:
+    if handle == RX_HANDLE:
+        return list(range(RX_PFN, RX_PFN + RX_PAGES))
+    if handle == TX_HANDLE:
+        return list(range(TX_PFN, TX_PFN + TX_PAGES))
+    raise GuestMemoryError(f"no GPADL {handle:#x} for this device")  # what the bus says
+
+
+async def never_woken() -> None:
+    await trio.sleep_forever()
+
+
+class Sent:
+    """Stands where the session's ``Outbox`` is: records what it is handed
+    instead of publishing it on the ring, with the receive buffer as it is
+    at that moment (a freed sub-allocation is soon written again)."""
+
+    def __init__(self) -> None:
+        self.packets: list[tuple[bytes, int, bool, int, bytes]] = []
+        self.receive_buffers: list[bytes] = []
+        self.session: NicSession | None = None
+
+    def put(self, payload: bytes, trans_id: int = 0, completion: bool = False, ptype: int = 6,
+            header: bytes = b"") -> None:
+        self.packets.append((bytes(payload), trans_id, completion, ptype, bytes(header)))
+        rx = None if self.session is None else self.session.rx
+        self.receive_buffers.append(b"" if rx is None else bytes(rx))
+
+
+def field(inp: Input, width: int) -> int:
+    pick = inp.u8()
+    return (SPECIALS[pick % len(SPECIALS)] if pick < 0xC0 else inp.u32()) & width
+
+
+def guest_packet(inp: Input) -> tuple[int, bool | int, bytes, bytes]:
+    """(packet type, completion requested, GPA-direct header, payload), or
+    for a completion (type, the id it completes, b"", payload); the RNDIS
+    bytes a SEND_RNDIS_PACKET carries go to the section or page it names."""
+    kind = inp.u8()
+    ptype = (PacketType.DATA_INBAND, PacketType.DATA_USING_GPA_DIRECT, PacketType.COMPLETION,
+             PacketType.DATA_USING_XFER_PAGES)[kind % 4] if kind < 0xF0 else inp.u16()
+    if ptype == PacketType.COMPLETION:  # of a transfer-page packet: its id is a sub-allocation's
+        return ptype, inp.u8(), b"", inp.blob(64)
+    which = inp.u8()
+    if which >= 0xE0:
+        return ptype, not kind & 0x40, inp.blob(64), inp.blob(64)
+    mtype = list(FORMATS)[which % len(FORMATS)]
+    fmt = FORMATS[mtype]
+    fields = [field(inp, WIDTHS[c]) for c in fmt.format[2:]]
+    header = b""
+    if mtype == N.Msg.SEND_RNDIS_PACKET:
+        rndis = inp.blob(N.SEND_SECTION_SIZE)
+        if ptype == PacketType.DATA_USING_GPA_DIRECT:
+            fields[1] = N.NO_SECTION
+            RAM.buf[DATA_PFN * PAGE_SIZE : DATA_PFN * PAGE_SIZE + len(rndis)] = rndis
+            pages = (len(rndis) + PAGE_SIZE - 1) // PAGE_SIZE or 1
+            header = N.GPA_HEADER.pack(0, 1) + N.XFER_RANGE.pack(len(rndis), 0) + struct.pack(
+                f"<{pages}Q", *range(DATA_PFN, DATA_PFN + pages))
+        elif fields[1] < TX_PAGES * PAGE_SIZE // N.SEND_SECTION_SIZE:
+            start = TX_PFN * PAGE_SIZE + fields[1] * N.SEND_SECTION_SIZE
+            RAM.buf[start : start + len(rndis)] = rndis
+    return ptype, not kind & 0x40, header, N.message(fmt, mtype, *fields)
+
+
+def check_sent(nic: NicSession, asked: list[int], sent: Sent) -> None:
+    completions = [p for p in sent.packets if p[3] == PacketType.COMPLETION]
+    check([p[1] for p in completions] == asked, f"completions {[p[1] for p in completions]} for requests {asked}")
+    for payload, _, _, _, _ in completions:
+        check(payload == b"" or (len(payload) == N.MESSAGE_SIZE and struct.unpack_from("<I", payload)[0] in set(N.Msg)),
+              f"completion {payload.hex()}")
+    announce = N.message(N.RNDIS_PACKET, N.Msg.SEND_RNDIS_PACKET, N.CHANNEL_CONTROL, N.NO_SECTION, 0)
+    for (payload, _, completion, ptype, header), rx in zip(sent.packets, sent.receive_buffers, strict=True):
+        if ptype == PacketType.COMPLETION:
+            continue
+        check(ptype == PacketType.DATA_USING_XFER_PAGES and completion and payload == announce
+              and nic.layout is not None, f"sent packet type {ptype}: {payload.hex()}")
+        ranges = N.parse_xfer_header(header)
+        check(len(ranges) == 1, f"a control reply in {len(ranges)} ranges")
+        count, offset = ranges[0]
+        check(offset % nic.layout.sub_alloc == 0 and offset // nic.layout.sub_alloc < N.CONTROL_SECTIONS
+              and 0 < count <= nic.layout.usable, f"control reply at {offset}+{count}")
+        reply = R.parse_reply(memoryview(rx[offset : offset + count]))
+        check(R.HEADER.unpack_from(rx, offset)[1] == count, f"reply {reply} is not {count} bytes")
+
+
+def session(inp: Input) -> None:
+    port = Switch.named("fuzz").attach()
+    nic = NetvspHost({"backend": "switch", "switch": "fuzz", "mac": "02:00:00:00:00:01"})
+    view = RAM.memory.view(0, 2 * RING)
+    channel = Channel(1, OutgoingRing(view, RING, RING), IncomingRing(view, 0, RING), lambda: None, never_woken)
+    channel.gpadl = gpadl
+    host = NicSession(nic, channel, RAM.memory, port)
+    sent = Sent()
+    sent.session = host
+    host.outbox = sent  # type: ignore[assignment]
+    try:
+        packets = []
+        while inp.left and len(packets) < MAX_SESSION_PACKETS:
+            packets.append(guest_packet(inp))
+        ram_before = bytes(RAM.ram.buf)
+        asked = []
+        for tid, (ptype, completion, header, payload) in enumerate(packets, 1):
+            if ptype == PacketType.COMPLETION:
+                host.on_packet(ptype, int(completion), False, header, payload)
+                continue
+            host.on_packet(ptype, tid, bool(completion), header, payload)
+            if completion:
+                asked.append(tid)
+        rx_range = (RX_PFN * PAGE_SIZE, (RX_PFN + RX_PAGES) * PAGE_SIZE)
+        changed = changed_ranges(ram_before, RAM.buf)
+        check(inside(changed, [rx_range]), f"guest RAM written at {changed}, outside the receive buffer")
+        check_sent(host, asked, sent)
+    finally:
+        host.release()
+        port.close()
+        view.release()
+
+
 def test_one_input(data: bytes) -> None:
     inp = Input(data)
-    which = inp.u8() % 5
-    if which == NVSP:
+    which = inp.u8() % 6
+    if which == SESSION:
+        session(inp)
+    elif which == NVSP:
         version = VERSIONS[inp.u8() % len(VERSIONS)]
         nvsp(inp.take(len(data)), version)
     elif which == GPA:
@@ -207,4 +362,36 @@ def seeds() -> list[bytes]:
     out.append(Script().u8(XFER).raw(N.xfer_header([(60, 0), (100, 1808)])).data())
     receive = N.ReceiveLayout(N.receive_sub_alloc(1514), 64)
     out.append(Script().u8(LAYOUT).raw(receive.encode()).u32(receive.sub_alloc * receive.count).data())
+    out.append(bring_up(control, frames))
+    small = Script().u8(SESSION)  # a receive buffer too small for the sub-allocations: refused, not a crash
+    guest_message(small, N.Msg.INIT, N.V61, N.V61)
+    guest_message(small, N.Msg.SEND_NDIS_CONFIG, 1514, 0, 0)
+    guest_message(small, N.Msg.SEND_RECEIVE_BUFFER, TX_HANDLE, N.RECEIVE_BUFFER_ID)
+    out.append(small.data())
     return out
+
+
+def guest_message(s: Script, mtype: N.Msg, *fields: int, gpa: bool = False) -> Script:
+    """One structured packet, in the fields ``guest_packet`` reads (completion requested)."""
+    s.u8(1 if gpa else 0).u8(list(FORMATS).index(mtype))
+    for value in fields:
+        s.u8(SPECIALS.index(value)) if value in SPECIALS else s.u8(0xC0).u32(value)
+    return s
+
+
+def bring_up(control: bytes, frames: bytes) -> bytes:
+    """A guest's whole bring-up on the host's session: NVSP, both buffers,
+    RNDIS control from a send section, frames by section and by pages, and
+    its completion of the host's first control reply."""
+    s = Script().u8(SESSION)
+    guest_message(s, N.Msg.INIT, N.V61, N.V61)
+    guest_message(s, N.Msg.SEND_NDIS_CONFIG, 1514, 0, 0)
+    guest_message(s, N.Msg.SEND_NDIS_VERSION, 6, 30)
+    guest_message(s, N.Msg.SEND_RECEIVE_BUFFER, RX_HANDLE, N.RECEIVE_BUFFER_ID)
+    guest_message(s, N.Msg.SEND_SEND_BUFFER, TX_HANDLE, N.SEND_BUFFER_ID)
+    guest_message(s, N.Msg.SEND_RNDIS_PACKET, N.CHANNEL_CONTROL, 0, len(control)).blob(control)
+    guest_message(s, N.Msg.SEND_RNDIS_PACKET, N.CHANNEL_DATA, 1, len(frames)).blob(frames)
+    guest_message(s, N.Msg.SEND_RNDIS_PACKET, N.CHANNEL_DATA, N.NO_SECTION, 0, gpa=True).blob(frames)
+    s.u8(2).u8(0).u16(0)  # the guest completes the host's first control reply (sub-allocation 0)
+    s.u8(2).u8(0).u16(0)  # twice: the second is a stray
+    return s.data()
