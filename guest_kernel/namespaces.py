@@ -44,6 +44,7 @@ import signal
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -66,6 +67,7 @@ IFF_UP = 0x1
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.syncfs.argtypes = [ctypes.c_int]
 
 
 class NamespaceError(OSError):
@@ -164,17 +166,47 @@ class GuestNamespaces:
     def unmount_added(self, keep: Sequence[str] = ()) -> list[str]:
         """Unmount, children first, every mount made in the guest since
         ``enter`` (but those at ``keep``); returns the targets unmounted.
-        A busy one is detached lazily, with a warning."""
+
+        Each file system is synced first (``syncfs``): its dirty data goes
+        down through its loop device into the disk's file while this
+        process still serves it.  A mount still busy (the program's last
+        processes are still exiting: a PID namespace's members die after
+        its PID 1) is retried for ``BUSY_WAIT`` seconds, and only then
+        detached lazily, with a warning: a lazy detach finishes after the
+        disk's file is gone, so whatever the sync did not write is lost."""
         done = []
         for m in reversed(mount_table()):
             if m.mount_id in self._original_mounts or m.target in keep:
                 continue
-            if _libc.umount2(os.fsencode(m.target), 0) != 0:
+            _sync_file_system(m.target)
+            deadline = time.monotonic() + BUSY_WAIT
+            while _libc.umount2(os.fsencode(m.target), 0) != 0:
                 err = ctypes.get_errno()
+                if err == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
                 log.warning("unmounting %s: %s; detaching it lazily", m.target, os.strerror(err))
                 _libc.umount2(os.fsencode(m.target), MNT_DETACH)
+                break
             done.append(m.target)
         return done
+
+
+BUSY_WAIT = 10.0  # seconds a busy mount is retried before a lazy detach
+
+
+def _sync_file_system(target: str) -> None:
+    """``syncfs`` the file system mounted at ``target`` (best effort)."""
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.debug("syncing %s: %s", target, exc)
+        return
+    try:
+        if _libc.syncfs(fd) != 0:
+            log.debug("syncing %s: %s", target, os.strerror(ctypes.get_errno()))
+    finally:
+        os.close(fd)
 
 
 PR_SET_PDEATHSIG = 1
