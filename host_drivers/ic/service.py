@@ -128,8 +128,15 @@ class IcHost(HostDevice):
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read, channel)
-                if await self._negotiate():
-                    await self.run()
+                try:
+                    if await self._negotiate():
+                        await self.run()
+                except IcUnavailable as exc:
+                    # The guest closed the channel (or stopped reading it) while
+                    # a request was out: the service is over, the channel's end
+                    # is the bus's business.  Raised on, it would meet the
+                    # channel's cancellation in one group and end the partition.
+                    log.info("%s (channel %d): %s", self.NAME, self._relid(), exc)
                 await trio.sleep_forever()  # keep reading (and refusing) until the channel goes
         finally:
             self._channel = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -159,8 +160,10 @@ def test_guests_stop_when_their_host_is_stopped(tmp_path: Path) -> None:
             lines = _each_says_one_line(guests, "the host went away", "the host removed")
         assert host.wait(timeout=30) == 0
     # the busy ones saw their device go; the idle one, whose program used none, saw the host go
-    assert lines[0] == ("pvbus guest: the host removed device echo while program echo-load used it "
-                        "(channel 1 was rescinded)") or "the host went away" in lines[0]
+    # (which of its devices it names depends on how far the host's rescinds got: echo among them)
+    removed = re.fullmatch(r"pvbus guest: the host removed device (.+) while program echo-load used it "
+                           r"\(channel \d+ was rescinded\)", lines[0])
+    assert (removed is not None and "echo" in removed.group(1).split(", ")) or "the host went away" in lines[0]
     assert lines[-1] == "pvbus guest: the host went away (it closed the control socket)"
 
 
