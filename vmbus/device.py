@@ -26,13 +26,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from .channel import Channel
     from .guest_memory import GuestMemory
 
 ENTRY_POINT_GROUP = "pvbus.devices"
+S = TypeVar("S")
 log = logging.getLogger(__name__)
 
 
@@ -128,20 +129,27 @@ class DeviceSpec:
     config_schema: type | None = None
 
 
-def load_devices() -> dict[str, DeviceSpec]:
-    """Every device installed under the ``pvbus.devices`` entry point group."""
-    found: dict[str, DeviceSpec] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+def load_specs(group: str, kind: type[S]) -> dict[str, S]:
+    """Every spec of type ``kind`` (each with a ``name``) published under the
+    entry point ``group``; a plug-in that fails to load or is of another
+    type is logged and left out."""
+    found: dict[str, S] = {}
+    for ep in entry_points(group=group):
         try:
             spec = ep.load()
         except Exception:  # noqa: BLE001 - one broken plug-in must not stop the bus
-            log.exception("cannot load device entry point %s", ep.name)
+            log.exception("cannot load entry point %s of %s", ep.name, group)
             continue
-        if not isinstance(spec, DeviceSpec):
-            log.error("entry point %s is not a DeviceSpec", ep.name)
+        if not isinstance(spec, kind):
+            log.error("entry point %s of %s is not a %s", ep.name, group, kind.__name__)
             continue
-        found[spec.name] = spec
+        found[spec.name] = spec  # type: ignore[attr-defined]
     return found
+
+
+def load_devices() -> dict[str, DeviceSpec]:
+    """Every device installed under the ``pvbus.devices`` entry point group."""
+    return load_specs(ENTRY_POINT_GROUP, DeviceSpec)
 
 
 def by_interface(devices: dict[str, DeviceSpec]) -> dict[uuid.UUID, DeviceSpec]:

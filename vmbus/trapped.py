@@ -25,14 +25,13 @@ memory, ``partition.memory``, and interrupts, ``partition.interrupt``).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any, Protocol
 
+from .device import load_specs
+
 ENTRY_POINT_GROUP = "pvbus.trapped_devices"
-log = logging.getLogger(__name__)
 
 
 class TrappedModel(Protocol):
@@ -55,18 +54,7 @@ class TrappedDeviceSpec:
 
 def load_trapped_devices() -> dict[str, TrappedDeviceSpec]:
     """Every trapped device installed under ``pvbus.trapped_devices``."""
-    found: dict[str, TrappedDeviceSpec] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            spec = ep.load()
-        except Exception:  # noqa: BLE001 - one broken plug-in must not stop the host
-            log.exception("cannot load trapped device entry point %s", ep.name)
-            continue
-        if not isinstance(spec, TrappedDeviceSpec):
-            log.error("entry point %s is not a TrappedDeviceSpec", ep.name)
-            continue
-        found[spec.name] = spec
-    return found
+    return load_specs(ENTRY_POINT_GROUP, TrappedDeviceSpec)
 
 
 def check_windows(specs: Iterable[TrappedDeviceSpec]) -> None:
